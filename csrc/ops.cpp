@@ -1,0 +1,34 @@
+// The one place where every sparsity_ext op is declared. Backends register their kernels beside
+// the kernels themselves (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m); csrc/cuda/*.cu:
+// TORCH_LIBRARY_IMPL(sparsity_ext, CUDA, m)); fake (meta) impls live in sparsity_ext/_fake.py.
+// The contract of each op is DESIGN.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing sparsity_ext._C only has to run the static registrations below; no per-op Python glue.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparsity_ext, m) {
+  // data: 2-D floating tensor (the Python wrapper views 1-D data as one row). norm: 0 identity,
+  // 1 |x|, 2 x*x. Returns a bool mask of data's shape, or (packed=True) uint8 bits, 1 bit per element.
+  m.def("block_norm_mask(Tensor data, float sparsity_level, int[] block_shape, int zeros_per_block, "
+        "int norm, bool packed=False) -> Tensor");
+  // Same mask, and data is zeroed where the mask is 0 in the same pass.
+  m.def("block_norm_mask_apply_(Tensor(a!) data, float sparsity_level, int[] block_shape, "
+        "int zeros_per_block, int norm, bool packed=False) -> Tensor");
+  // Keep the n largest |x| of every m consecutive elements along the last dim of a 2-D tensor.
+  m.def("nm_mask(Tensor data, int n, int m) -> Tensor");
+  // k-th smallest (1-based) of a 1-D float tensor, NaN largest; returns (value, tie_rank): the k
+  // smallest are every x < value plus the first tie_rank elements equal to value, by index.
+  m.def("select_threshold(Tensor values, int k) -> (Tensor, Tensor)");
+  // data[i] = 0 where mask[i] is false; mask is bool of data's shape or packed uint8 bits.
+  m.def("apply_mask_(Tensor(a!) data, Tensor mask) -> Tensor(a!)");
+  // bool mask (any shape) -> uint8[ceil(numel/8)], row-major, bit i of byte j = element 8j+i.
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("unpack_mask(Tensor packed, int[] shape) -> Tensor");
+}

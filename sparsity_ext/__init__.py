@@ -1,0 +1,12 @@
+"""sparsity_ext: a kernel-accelerated, drop-in re-implementation of torch.ao.pruning.
+
+Swap `torch.ao.pruning` for `sparsity_ext` in an import: same classes, arguments, state_dict layout
+and masks; the hot mask computation runs in C++/CUDA/Triton kernels (see sparsity_ext.ops).
+"""
+from . import _extension  # noqa: F401  (loads the compiled kernels, or warns once)
+from . import ops
+from ._backend import current_backend, use_backend
+from ._info import info
+
+__all__ = ["ops", "use_backend", "current_backend", "info"]
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Loads the compiled extension sparsity_ext._C (its import registers torch.ops.sparsity_ext.*)."""
+import os
+import warnings
+
+import torch
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the repository "
+    "(needs a C++ compiler; CUDA kernels also need a CUDA build of torch and nvcc)"
+)
+
+load_error: str | None = None
+try:
+    if os.environ.get("SPARSITY_EXT_USE_CPP", "1") == "0":
+        raise ImportError("disabled by SPARSITY_EXT_USE_CPP=0")
+    from sparsity_ext import _C  # noqa: F401  (imported for its op registrations)
+    from sparsity_ext import _fake  # noqa: F401
+except ImportError as exc:  # never break import: the reference ops serve every call
+    load_error = str(exc)
+    warnings.warn(f"sparsity_ext: compiled kernels unavailable ({load_error}); using the pure-torch reference "
+                  f"ops. To get them, {BUILD_HINT}.", RuntimeWarning, stacklevel=2)
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when the extension registered a kernel for torch.ops.sparsity_ext.<op> under dispatch_key."""
+    if load_error is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsity_ext::{op}", dispatch_key)
+    except RuntimeError:
+        return False

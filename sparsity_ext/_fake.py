@@ -1,0 +1,46 @@
+"""Fake (meta) implementations of the compiled ops, so torch.compile and torch.export trace them."""
+import math
+
+import torch
+
+
+def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
+    if packed:
+        return data.new_empty(((data.numel() + 7) // 8,), dtype=torch.uint8)
+    return data.new_empty(data.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("sparsity_ext::block_norm_mask")
+def _block_norm_mask_fake(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
+    return _mask_like(data, packed)
+
+
+@torch.library.register_fake("sparsity_ext::block_norm_mask_apply_")
+def _block_norm_mask_apply_fake(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
+    return _mask_like(data, packed)
+
+
+@torch.library.register_fake("sparsity_ext::nm_mask")
+def _nm_mask_fake(data, n, m):
+    return _mask_like(data, False)
+
+
+@torch.library.register_fake("sparsity_ext::select_threshold")
+def _select_threshold_fake(values, k):
+    return values.new_empty(()), values.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("sparsity_ext::apply_mask_")
+def _apply_mask_fake(data, mask):
+    return data
+
+
+@torch.library.register_fake("sparsity_ext::pack_mask")
+def _pack_mask_fake(mask):
+    return _mask_like(mask, True)
+
+
+@torch.library.register_fake("sparsity_ext::unpack_mask")
+def _unpack_mask_fake(packed, shape):
+    assert packed.numel() == (math.prod(shape) + 7) // 8
+    return packed.new_empty(shape, dtype=torch.bool)

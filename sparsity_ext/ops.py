@@ -1,0 +1,218 @@
+"""The public surface over the kernels: validated, typed wrappers that dispatch to a backend.
+
+Every wrapper checks its arguments and raises a clear exception before any kernel runs, then calls
+the implementation chosen by sparsity_ext._backend (see use_backend / SPARSITY_EXT_BACKEND).
+The contract of each op is DESIGN.md's "Mask semantics"; sparsity_ext.reference is its oracle.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+from . import _backend, _extension, reference
+
+__all__ = ["block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
+           "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NORM_NAMES = {"L1": 1, "L2": 2}
+
+
+# ----------------------------------------------------------------------------------------- checks
+def _check_tensor(name: str, t, op: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float_data(data, op: str, dims: tuple[int, ...] = (1, 2)) -> None:
+    _check_tensor("data", data, op)
+    if data.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: data must be one of {[str(d) for d in FLOAT_DTYPES]}, got {data.dtype}")
+    if data.dim() not in dims:
+        raise ValueError(f"{op}: data must be {' or '.join(f'{d}-D' for d in dims)}, got shape {tuple(data.shape)}")
+
+
+def _check_int(name: str, value, op: str, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{op}: {name} must be in {bounds}, got {value}")
+    return value
+
+
+def _check_block_shape(block_shape, op: str) -> tuple[int, int]:
+    if not isinstance(block_shape, Sequence) or len(block_shape) != 2:
+        raise ValueError(f"{op}: block_shape must be a pair (rows, cols), got {block_shape!r}")
+    return (_check_int("block_shape[0]", block_shape[0], op, 1), _check_int("block_shape[1]", block_shape[1], op, 1))
+
+
+def _check_level(sparsity_level, op: str) -> float:
+    if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, numbers.Real):
+        raise TypeError(f"{op}: sparsity_level must be a number, got {sparsity_level!r}")
+    level = float(sparsity_level)
+    if math.isnan(level) or not 0.0 <= level <= 1.0:
+        raise ValueError(f"{op}: sparsity_level must be in [0, 1], got {sparsity_level}")
+    return level
+
+
+def parse_norm(norm) -> int:
+    """1 / 'L1' -> 1 (|x|), 2 / 'L2' -> 2 (x*x), 0 -> identity (raw values, for callable norms)."""
+    if isinstance(norm, str) and norm in _NORM_NAMES:
+        return _NORM_NAMES[norm]
+    if not isinstance(norm, bool) and isinstance(norm, numbers.Integral) and int(norm) in (0, 1, 2):
+        return int(norm)
+    raise ValueError(f"norm must be 1, 2, 'L1', 'L2' or 0 (identity), got {norm!r}")
+
+
+def _as_2d(data: torch.Tensor) -> torch.Tensor:
+    return data.view(1, -1) if data.dim() == 1 else data
+
+
+def _run(op: str, like: torch.Tensor, *args):
+    _, fn = _backend.resolve(op, like.device, like.dtype)
+    return fn(*args)
+
+
+# ------------------------------------------------------------------------------------------- ops
+def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: Sequence[int] = (1, 4),
+                    zeros_per_block: int | None = None, norm=2, packed: bool = False) -> torch.Tensor:
+    """Block-norm top-k mask (DESIGN.md "Mask semantics").
+
+    Args:
+        data: 1-D (one row) or 2-D float tensor (fp32, fp16, bf16, fp64); not modified.
+        sparsity_level: fraction of blocks selected, in [0, 1].
+        block_shape: (rows, cols) of a block; blocks tile data from the top-left, edge blocks partial.
+        zeros_per_block: elements zeroed in each selected block (default: the whole block).
+        norm: 1/'L1' (|x|), 2/'L2' (x*x) or 0 (raw values).
+        packed: return 1 bit per element (uint8, see pack_mask) instead of a bool tensor.
+    Returns:
+        bool mask of data's shape (True = keep), or the packed bits.
+    """
+    op = "block_norm_mask"
+    _check_float_data(data, op)
+    level = _check_level(sparsity_level, op)
+    bshape = _check_block_shape(block_shape, op)
+    block_size = bshape[0] * bshape[1]
+    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    mask = _run(op, data, _as_2d(data), level, bshape, zeros, parse_norm(norm), bool(packed))
+    return mask if packed else mask.view(data.shape)
+
+
+def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: Sequence[int] = (1, 4),
+                           zeros_per_block: int | None = None, norm=2, packed: bool = False) -> torch.Tensor:
+    """block_norm_mask, and data zeroed in place where the mask is False, in the same pass.
+
+    Returns the mask (bool, or packed bits with packed=True).
+    """
+    op = "block_norm_mask_apply_"
+    _check_float_data(data, op)
+    level = _check_level(sparsity_level, op)
+    bshape = _check_block_shape(block_shape, op)
+    block_size = bshape[0] * bshape[1]
+    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    mask = _run(op, data, _as_2d(data), level, bshape, zeros, parse_norm(norm), bool(packed))
+    return mask if packed else mask.view(data.shape)
+
+
+def nm_mask(data: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M mask: keep the n largest |x| of every m consecutive elements along the last dimension.
+
+    Args:
+        data: float tensor of any rank >= 1 (leading dims are flattened into rows).
+        n, m: keep n of every m (0 <= n <= m); a partial last group zeroes its min(m - n, size) smallest.
+    Returns:
+        bool mask of data's shape.
+    """
+    op = "nm_mask"
+    _check_tensor("data", data, op)
+    if data.dim() == 0:
+        raise ValueError(f"{op}: data must have at least 1 dimension, got a scalar")
+    _check_float_data(data, op, dims=(data.dim(),))
+    m = _check_int("m", m, op, 1)
+    n = _check_int("n", n, op, 0, m)
+    rows = data.reshape(-1, data.shape[-1]) if data.dim() != 2 else data
+    return _run(op, data, rows, n, m).view(data.shape)
+
+
+def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-th smallest of a 1-D float tensor (1-based, NaN largest), with its tie rank.
+
+    Returns:
+        (value, tie_rank): the k smallest elements (ties by lower index) are every element < value
+        plus the first tie_rank elements equal to value. value equals torch.kthvalue(values, k).values
+        (with -0.0 reported as +0.0).
+    """
+    op = "select_threshold"
+    _check_float_data(values, op, dims=(1,))
+    k = _check_int("k", k, op, 1, values.numel())
+    return _run(op, values, values, k)
+
+
+def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero data in place where mask is False. mask: bool of data's shape, or packed uint8 bits."""
+    op = "apply_mask_"
+    _check_tensor("data", data, op)
+    _check_tensor("mask", mask, op)
+    if data.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: data must be one of {[str(d) for d in FLOAT_DTYPES]}, got {data.dtype}")
+    if mask.device != data.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but data is on {data.device}")
+    if mask.dtype == torch.bool:
+        if mask.shape != data.shape:
+            raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != data shape {tuple(data.shape)}")
+    elif mask.dtype == torch.uint8:
+        need = (data.numel() + 7) // 8
+        if mask.dim() != 1 or mask.numel() != need:
+            raise ValueError(f"{op}: packed mask must be 1-D with {need} bytes for data of shape "
+                             f"{tuple(data.shape)}, got shape {tuple(mask.shape)}")
+    else:
+        raise TypeError(f"{op}: mask must be bool or packed uint8, got {mask.dtype}")
+    return _run(op, data, data, mask)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask (any shape) -> uint8 of ceil(numel/8) bytes; row-major, bit i of byte j = element 8j+i."""
+    op = "pack_mask"
+    _check_tensor("mask", mask, op)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be bool, got {mask.dtype}")
+    return _run(op, mask, mask)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of pack_mask: uint8 bits -> bool mask of `shape`."""
+    op = "unpack_mask"
+    _check_tensor("packed", packed, op)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{op}: packed must be uint8, got {packed.dtype}")
+    shape = tuple(_check_int("shape[i]", s, op, 0) for s in shape)
+    need = (math.prod(shape) + 7) // 8
+    if packed.dim() != 1 or packed.numel() != need:
+        raise ValueError(f"{op}: shape {shape} needs a 1-D packed tensor of {need} bytes, got {tuple(packed.shape)}")
+    return _run(op, packed, packed, list(shape))
+
+
+# ------------------------------------------------------------------------------ registrations
+OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
+            "pack_mask", "unpack_mask")
+# fp64 data is scored by the reference only (rare in practice); the mask-format ops take any dtype.
+_COMPILED_DTYPES = {op: (torch.float32, torch.float16, torch.bfloat16) for op in
+                    ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold")}
+
+for _op in OP_NAMES:
+    _backend.register(_op, "reference", getattr(reference, _op), devices=("cpu", "cuda"))
+    for _backend_name, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        _backend.register(
+            _op, _backend_name,
+            (lambda name: lambda *a: getattr(torch.ops.sparsity_ext, name)(*a))(_op),
+            devices=(_backend_name,),
+            dtypes=_COMPILED_DTYPES.get(_op),
+            available=(lambda name, key: lambda: _extension.has_kernel(name, key))(_op, _key),
+            unavailable_reason=(lambda key: lambda: (_extension.load_error or f"the {key} kernel was not compiled")
+                                + f"; {_extension.BUILD_HINT}")(_key),
+        )

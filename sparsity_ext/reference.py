@@ -1,0 +1,134 @@
+"""Pure-torch reference implementations: the oracle every backend is tested against, and the fallback.
+
+They define the mask contract of DESIGN.md ("Mask semantics") in plain torch, favouring clarity
+over speed (full sorts are fine here). Inputs are already validated by sparsity_ext.ops: `data` is a
+2-D floating tensor, arguments are in range.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 are scored in fp32; fp32 and fp64 in their own precision."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def element_norm(data: torch.Tensor, norm: int) -> torch.Tensor:
+    """Per-element norm in the scoring dtype: 0 identity, 1 |x|, 2 x*x."""
+    x = data.to(score_dtype(data.dtype))
+    if norm == 0:
+        return x.clone()
+    if norm == 1:
+        return x.abs()
+    return x * x
+
+
+def num_selected_blocks(sparsity_level: float, num_blocks: int) -> int:
+    """How many blocks are selected: all for s >= 1, none for s <= 0, else round(s * n) clamped to n - 1.
+
+    round() is Python's (half to even) on the double product, as torch.ao.pruning computes it.
+    """
+    if num_blocks == 0 or sparsity_level <= 0:
+        return 0
+    if sparsity_level >= 1:
+        return num_blocks
+    return max(0, min(num_blocks - 1, round(sparsity_level * num_blocks)))
+
+
+def block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """Mean norm of each block over its valid elements, blocks in row-major order (flat)."""
+    return F.avg_pool2d(norms[None, None], kernel_size=block_shape, stride=block_shape, ceil_mode=True).flatten()
+
+
+def _to_blocks(t: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """(nbh*bh, nbw*bw) -> (nbh*nbw, bh*bw): one row per block, elements row-major within the block."""
+    bh, bw = block_shape
+    hp, wp = t.shape
+    return t.reshape(hp // bh, bh, wp // bw, bw).permute(0, 2, 1, 3).reshape(-1, bh * bw)
+
+
+def _from_blocks(t: torch.Tensor, padded_shape: tuple[int, int], block_shape: tuple[int, int]) -> torch.Tensor:
+    bh, bw = block_shape
+    hp, wp = padded_shape
+    return t.reshape(hp // bh, wp // bw, bh, bw).permute(0, 2, 1, 3).reshape(hp, wp)
+
+
+def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: tuple[int, int],
+                    zeros_per_block: int, norm: int, packed: bool = False) -> torch.Tensor:
+    h, w = data.shape
+    bh, bw = block_shape
+    nbh, nbw = -(-h // bh), -(-w // bw)
+    num_blocks = nbh * nbw
+    k = num_selected_blocks(sparsity_level, num_blocks)
+    mask = torch.ones((h, w), dtype=torch.bool, device=data.device)
+    if k == 0 or zeros_per_block == 0:
+        return pack_mask(mask) if packed else mask
+
+    norms = element_norm(data, norm)
+    selected = torch.zeros(num_blocks, dtype=torch.bool, device=data.device)
+    if k == num_blocks:
+        selected[:] = True
+    else:
+        # Stable ascending sort: NaN last, ties by lower block index.
+        order = torch.sort(block_scores(norms, block_shape), stable=True).indices
+        selected[order[:k]] = True
+
+    hp, wp = nbh * bh, nbw * bw
+    padded = torch.full((hp, wp), float("nan"), dtype=norms.dtype, device=data.device)
+    padded[:h, :w] = norms
+    valid = torch.zeros((hp, wp), dtype=torch.bool, device=data.device)
+    valid[:h, :w] = True
+    blocks, valid_blocks = _to_blocks(padded, block_shape), _to_blocks(valid, block_shape)
+    # Rank the elements of each block: by norm (NaN last, ties by lower index), padding after all.
+    by_norm = torch.sort(blocks, dim=1, stable=True).indices
+    padding_last = torch.sort((~valid_blocks).gather(1, by_norm).to(torch.uint8), dim=1, stable=True).indices
+    order = by_norm.gather(1, padding_last)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(bh * bw, device=data.device).expand_as(order).contiguous())
+    zeroed = (rank < zeros_per_block) & valid_blocks & selected[:, None]
+    mask = _from_blocks(~zeroed, (hp, wp), block_shape)[:h, :w].contiguous()
+    return pack_mask(mask) if packed else mask
+
+
+def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: tuple[int, int],
+                           zeros_per_block: int, norm: int, packed: bool = False) -> torch.Tensor:
+    mask = block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm)
+    data.masked_fill_(~mask, 0)
+    return pack_mask(mask) if packed else mask
+
+
+def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M is the block contract with s = 1, block (1, m), m - n zeros per block, ranked by |x|."""
+    return block_norm_mask(data, 1.0, (1, m), m - n, 1)
+
+
+def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    kth = torch.sort(values, stable=True).values[k - 1] + 0.0  # + 0.0 turns -0.0 into +0.0
+    less = (~values.isnan()).sum() if kth.isnan() else (values < kth).sum()
+    return kth, (k - less).to(torch.int64)
+
+
+def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    keep = unpack_mask(mask, data.shape) if mask.dtype == torch.uint8 else mask
+    return data.masked_fill_(~keep, 0)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=mask.device, dtype=torch.int32))
+    return (flat.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    numel = 1
+    for s in shape:
+        numel *= s
+    bits = (packed.to(torch.int32)[:, None] >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))

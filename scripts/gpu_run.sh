@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything a GPU machine is for, in one call (about 5-8 minutes on an H100):
+#   build the CUDA extension, run the whole test suite (CUDA-marked tests included, Triton on the GPU),
+#   then the GPU benchmarks; logs and results go to $1 (default benchmarks/results/gpu).
+#   bash scripts/gpu_run.sh "$OUT"            # all of it
+#   STEPS="build test" bash scripts/gpu_run.sh "$OUT"   # a subset: build, test, bench
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results/gpu}
+mkdir -p "$out"
+steps=${STEPS:-"build test bench"}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || true
+} 2>&1 | tee "$out/env.log"
+
+if [[ " $steps " == *" build "* ]]; then
+  t0=$(date +%s)
+  # Build in place (no network there): compile against the machine's CUDA torch, for sm_90.
+  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    "$PY" setup.py build_ext --inplace 2>&1 | tee "$out/build.log" | grep -E "error|warning: |registers|spill|sparsity_ext setup" | head -60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BUILD FAILED"; status=1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+  "$PY" -c "import sparsity_ext; print(sparsity_ext.info())" 2>&1 | tee -a "$out/build.log"
+fi
+
+if [[ " $steps " == *" test "* ]]; then
+  t0=$(date +%s)
+  PYTHONPATH=$PWD "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml" tests ${TEST_ARGS:-} \
+    > "$out/tests.log" 2>&1
+  rc=$?
+  tail -n 40 "$out/tests.log"
+  echo "tests: rc=$rc, $(( $(date +%s) - t0 )) s"
+  [ $rc -eq 0 ] || status=1
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
+  t0=$(date +%s)
+  PYTHONPATH=$PWD "$PY" benchmarks/bench_sparsifiers.py --device cuda --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -n 30
+  for extra in benchmarks/bench_ops.py; do
+    [ -f "$extra" ] && PYTHONPATH=$PWD "$PY" "$extra" --device cuda --out "$out" 2>&1 | tee -a "$out/bench.log" | tail -n 30
+  done
+  echo "bench: $(( $(date +%s) - t0 )) s"
+fi
+exit $status

@@ -1,0 +1,70 @@
+"""NearlyDiagonalSparsifier: keep a band of diagonals around the main diagonal. Mirrors
+torch.ao.pruning.NearlyDiagonalSparsifier, with the band built in one vectorized comparison."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .base_sparsifier import BaseSparsifier, mask_of
+
+__all__ = ["NearlyDiagonalSparsifier"]
+
+
+def _check_nearliness(nearliness, shape, where: str) -> int:
+    """Validated nearliness for a tensor of `shape`: an int, and when > 0 odd with a half-width below
+    min(rows, cols); the tensor must be 2-D."""
+    if len(shape) != 2:
+        raise ValueError(f"{where}: needs a 2-D tensor, got shape {tuple(shape)}")
+    if isinstance(nearliness, bool) or not isinstance(nearliness, numbers.Integral):
+        raise TypeError(f"{where}: nearliness must be an int, got {nearliness!r}")
+    nearliness = int(nearliness)
+    if nearliness <= 0:
+        return nearliness
+    if nearliness % 2 == 0:
+        raise ValueError(f"{where}: nearliness can only be an odd number, got {nearliness}")
+    if nearliness // 2 >= min(shape):
+        raise ValueError(f"{where}: nearliness {nearliness} cannot be larger than the dimensions of tensor "
+                         f"{tuple(shape)} (needs nearliness // 2 < {min(shape)})")
+    return nearliness
+
+
+class NearlyDiagonalSparsifier(BaseSparsifier):
+    """Masks everything outside the `nearliness` diagonals closest to the main one: element (i, j) is kept
+    when |i - j| <= nearliness // 2. For 4x4 and nearliness 3 (left) and 5 (right):
+
+        1 1 0 0     1 1 1 0
+        1 1 1 0     1 1 1 1
+        0 1 1 1     1 1 1 1
+        0 0 1 1     0 1 1 1
+
+    Args:
+        nearliness: number of kept diagonals; odd, with nearliness // 2 < min(rows, cols). 1 keeps the
+            main diagonal only; nearliness <= 0 masks everything (as torch.ao.pruning does).
+    Only 2-D tensors; bad arguments raise before any mask changes.
+    """
+
+    def __init__(self, nearliness: int = 1):
+        super().__init__(defaults={"nearliness": nearliness})
+
+    def _validate_group(self, group) -> None:
+        module, tensor_name = group["module"], group["tensor_name"]
+        where = f"{type(self).__name__} ({group['tensor_fqn']})"
+        if hasattr(module, "parametrizations") and tensor_name in module.parametrizations:
+            shape = mask_of(module, tensor_name, where).shape
+        else:
+            shape = getattr(module, tensor_name).shape
+        _check_nearliness(group["nearliness"], shape, where)
+
+    def update_mask(self, module, tensor_name, nearliness, **kwargs):
+        """Writes the band mask into module.<tensor_name>'s mask buffer (in place)."""
+        where = type(self).__name__
+        mask = mask_of(module, tensor_name, where)
+        nearliness = _check_nearliness(nearliness, mask.shape, where)
+        with torch.no_grad():
+            if nearliness <= 0:
+                mask.fill_(0)
+                return
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            cols = torch.arange(mask.shape[1], device=mask.device)
+            mask.copy_((rows[:, None] - cols[None, :]).abs() <= nearliness // 2)

@@ -1,0 +1,162 @@
+"""WeightNormSparsifier: zero the blocks of a weight with the smallest mean norm, or the smallest elements
+within them (e.g. 2:4). Mirrors torch.ao.pruning.WeightNormSparsifier; the mask comes from
+sparsity_ext.ops.block_norm_mask, so it runs on whichever backend is in force (see use_backend)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .. import ops
+from .base_sparsifier import BaseSparsifier, mask_of
+
+__all__ = ["WeightNormSparsifier"]
+
+
+def _l1_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.abs()
+
+
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    return t * t
+
+
+def _check_args(sparsity_level, sparse_block_shape, zeros_per_block, where: str) -> tuple[float, tuple[int, int], int]:
+    """Validated (sparsity_level, sparse_block_shape, zeros_per_block); ValueError/TypeError otherwise."""
+    level = ops._check_level(sparsity_level, where)
+    block = ops._check_block_shape(sparse_block_shape, where)
+    zeros = ops._check_int("zeros_per_block", zeros_per_block, where, 0, block[0] * block[1])
+    return level, block, zeros
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D layout a weight's blocks tile: 1-D and 2-D tensors as they are; a conv weight
+    (Cout, Cin, *kernel) as (Cout, prod(kernel) * Cin), input channels fastest.
+
+    That is the order of the reduction dimension of a channels-last (NHWC) implicit-GEMM convolution,
+    the layout 2:4 sparse tensor cores run convolutions in: a (1, 4) block (2:4 with zeros_per_block=2)
+    then holds 4 consecutive input channels of one kernel tap, as cuSPARSELt and NVIDIA's ASP expect.
+    (A plain reshape(Cout, -1) would put kernel taps fastest, and groups would straddle taps and channels.)
+    """
+    if t.dim() <= 2:
+        return t
+    return t.movedim(1, -1).reshape(t.shape[0], -1)
+
+
+def from_matrix(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of as_matrix: the (Cout, prod(kernel) * Cin) layout back to `shape` (a view when possible)."""
+    if len(shape) <= 2:
+        return matrix.view(shape)
+    return matrix.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+class WeightNormSparsifier(BaseSparsifier):
+    """Masks the blocks of each weight with the smallest mean norm (sparsity_level of them); within each
+    masked block, zeros_per_block elements of smallest norm (all of them by default).
+
+    The weight scored is the current masked weight (mask * original), as in torch.ao.pruning, so
+    masked elements stay masked. The mask is sparsity_ext.ops.block_norm_mask (DESIGN.md "Mask
+    semantics"): blocks tile the weight from the top-left, edge blocks are partial and scored by the
+    mean over their valid elements; fp16/bf16 weights are scored in fp32.
+
+    Args:
+        sparsity_level: fraction of blocks masked, in [0, 1].
+        sparse_block_shape: (block rows, block cols) in the weight's 2-D layout: for nn.Linear rows are
+            output and cols input features; 4-D conv weights use the layout of `as_matrix`.
+        zeros_per_block: elements zeroed in each masked block (default: the whole block); (1, 4) with
+            zeros_per_block=2 and sparsity_level=1 is 2:4.
+        norm: 1 (|w|), 2 (w*w, default) or a callable mapping the weight to per-element scores (the
+            scores then rank as they are).
+    All four are defaults; each config entry given to `prepare` may override them for its tensor.
+
+    Where torch.ao.pruning crashes or returns a mask of the wrong shape, this class follows the mask
+    contract instead: partial edge blocks with zeros_per_block < block size, sparsity_level 1 with
+    partial blocks, blocks taller than the weight, 1-D weights (one row), and conv weights. Arguments
+    out of range (sparsity_level outside [0, 1], zeros_per_block outside [0, block size]) raise before
+    any mask changes; torch.ao.pruning clamps sparsity_level.
+    """
+
+    def __init__(self, sparsity_level: float = 0.5, sparse_block_shape: tuple[int, int] = (1, 4),
+                 zeros_per_block: int | None = None, norm: Callable | int | None = None):
+        if zeros_per_block is None:
+            zeros_per_block = math.prod(sparse_block_shape)
+        if norm is None:
+            norm = 2
+        if callable(norm):
+            self.norm_fn = norm
+        elif norm == 1:
+            self.norm_fn = _l1_norm
+        elif norm == 2:
+            self.norm_fn = _l2_norm
+        else:
+            raise NotImplementedError(f"L-{norm} is not yet implemented; norm must be 1, 2 or a callable")
+        super().__init__(defaults={"sparsity_level": sparsity_level, "sparse_block_shape": sparse_block_shape,
+                                   "zeros_per_block": zeros_per_block})
+
+    def __getstate__(self):
+        # norm_fn is pickled too, so an unpickled sparsifier can step (a custom norm must be picklable).
+        return {**super().__getstate__(), "norm_fn": self.norm_fn}
+
+    def _validate_group(self, group) -> None:
+        where = f"{type(self).__name__} ({group['tensor_fqn']})"
+        _check_args(group["sparsity_level"], group["sparse_block_shape"], group["zeros_per_block"], where)
+        module, tensor_name = group["module"], group["tensor_name"]
+        if hasattr(module, "parametrizations") and tensor_name in module.parametrizations:
+            tensor_shape = module.parametrizations[tensor_name].original.shape
+            mask_of(module, tensor_name, where)
+        else:
+            tensor_shape = getattr(module, tensor_name).shape
+        if len(tensor_shape) == 0:
+            raise ValueError(f"{where}: cannot sparsify a 0-d tensor")
+
+    def _scores_and_norm(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(data, norm code) to hand to ops: the weight with a built-in norm, else norm_fn(weight) ranked as is."""
+        if self.norm_fn is _l1_norm:
+            return weight, 1
+        if self.norm_fn is _l2_norm:
+            return weight, 2
+        scores = self.norm_fn(weight)
+        if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
+            raise ValueError(f"{type(self).__name__}: norm_fn must return a tensor of the weight's shape "
+                             f"{tuple(weight.shape)}, got {getattr(scores, 'shape', type(scores).__name__)}")
+        return scores, 0
+
+    def update_mask(self, module, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs):
+        """Computes the mask of module.<tensor_name> and copies it into its mask buffer (in place: the
+        buffer keeps its identity and dtype)."""
+        where = type(self).__name__
+        level, block, zeros = _check_args(sparsity_level, sparse_block_shape, zeros_per_block, where)
+        mask = mask_of(module, tensor_name, where)
+        with torch.no_grad():
+            if level == 0 or zeros == 0:
+                mask.fill_(1)
+                return
+            if level == 1 and zeros == block[0] * block[1]:
+                mask.fill_(0)
+                return
+            weight = getattr(module, tensor_name)
+            if weight.dim() == 0:
+                raise ValueError(f"{where}: cannot sparsify a 0-d tensor")
+            data, norm = self._scores_and_norm(weight)
+            keep = ops.block_norm_mask(as_matrix(data), level, block, zeros, norm)
+            mask.copy_(from_matrix(keep, weight.shape))
+
+    def _make_tensor_mask(self, data, input_shape, sparsity_level, sparse_block_shape, mask=None):
+        """Float mask (1 keep, 0 drop) that drops the sparsity_level fraction of whole blocks of `data`
+        (already a norm) with the smallest mean. Kept for subclasses that call it; update_mask does not
+        use it (overriding it does not change update_mask)."""
+        result = ops.block_norm_mask(data, sparsity_level, sparse_block_shape, None, 0).to(torch.get_default_dtype())
+        if mask is None:
+            return result
+        mask.data = result
+        return mask
+
+    def _make_block_mask(self, data, sparse_block_shape, zeros_per_block, mask=None):
+        """Float mask that drops the zeros_per_block smallest elements of every block of `data` (already a
+        norm). Kept for subclasses that call it; update_mask does not use it."""
+        result = ops.block_norm_mask(data, 1.0, sparse_block_shape, zeros_per_block, 0).to(torch.get_default_dtype())
+        if mask is None:
+            return result
+        mask.data = result
+        return mask

@@ -227,9 +227,7 @@ class BaseSparsifier(abc.ABC):
                                      "(it replaces the older `module` and `fqn` keys)")
             info = _resolve_tensor_fqn(model, tensor_fqn)
             for key, value in info.items():
-                # tensor_fqn may carry a leading '.' that the split drops
-                agrees = key not in group or group[key] == value or (key == "tensor_fqn" and group[key] == "." + value)
-                if not agrees:
+                if key in group and group[key] != value:
                     raise AssertionError(f"config entry gives both `{key}` and `tensor_fqn`, and they disagree: "
                                          f"{group[key]!r} vs {value!r}")
             group.update(info)

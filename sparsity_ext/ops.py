@@ -216,3 +216,8 @@ for _op in OP_NAMES:
             unavailable_reason=(lambda key: lambda: (_extension.load_error or f"the {key} kernel was not compiled")
                                 + f"; {_extension.BUILD_HINT}")(_key),
         )
+
+try:  # the optional triton backend registers itself (it imports triton only when first used)
+    from . import triton as _triton_backend  # noqa: F401
+except ImportError:
+    pass

@@ -1,0 +1,86 @@
+"""Triton backend of sparsity_ext: block_norm_mask(_apply_), select_threshold, nm_mask, apply_mask_,
+pack_mask and unpack_mask as Triton kernels, equal bit for bit to sparsity_ext.reference.
+
+Use it with `with sparsity_ext.use_backend("triton"): sparsity_ext.ops.block_norm_mask(x_cuda, ...)`
+(or SPARSITY_EXT_BACKEND=triton); "auto" picks it for CUDA tensors when the CUDA extension is not
+built. triton is optional: importing this package does not import it; the kernels
+(sparsity_ext.triton.kernels) and their torch.library ops (sparsity_ext.triton.ops, namespace
+sparsity_ext_triton) are imported on the first call. CPU tensors run only in triton's interpreter
+(TRITON_INTERPRET=1, read by triton when the kernels are decorated, i.e. at that first import; call
+`register()` again if you set it after importing sparsity_ext).
+
+Reading the kernels (kernels.py; each kernel's docstring states its math):
+  block_norm_mask = _block_scores_kernel  one pass over x: fp32 block sums in row-major order, one
+                                          int32 "score key" per block (unsigned order = float order,
+                                          NaN largest), plus the histogram of the keys' top 11 bits
+                  + _radix_histogram_kernel / _radix_pick_kernel  two more 11/10-bit digit passes over
+                                          the keys that still match the chosen prefix; the k-th
+                                          smallest key T and the count of T-ties to take stay on the
+                                          device (no host sync)
+                  + torch.cumsum(keys == T) tie rank of the equal-key blocks (lower index first)
+                  + _block_norm_mask_kernel  one pass writing the bool or packed mask, ranking the
+                                          elements of selected blocks when zeros_per_block < block
+                                          size, zeroing x in the same pass for block_norm_mask_apply_
+                                          when whole blocks go (else a second _apply_mask_kernel pass).
+  nm_mask is _block_norm_mask_kernel alone (every (1, m) block selected, m - n zeros, |x|).
+Tuning: _block_scores_kernel and _block_norm_mask_kernel are autotuned over the tile shapes in
+kernels._scores_configs / kernels._mask_configs, keyed by (bit lengths of the shape, dtype, block
+shape, mode), so each bucket is tuned once per process; TRITON_PRINT_AUTOTUNING=1 prints the choice.
+Add configs there for unusual shapes (very wide rows, tall blocks). The interpreter runs one fixed
+config (kernels.*_INTERPRETER_META). The radix passes use fixed 2048-key programs.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .. import _backend
+
+OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
+            "pack_mask", "unpack_mask")
+# Ops on float data run on these dtypes; pack/unpack take the bool/uint8 masks their wrappers validate.
+_DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DATA_OPS = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "triton":
+            return "triton is not installed: pip install triton"
+        return f"triton failed to import ({exc})"
+    return None
+
+
+def is_available() -> bool:
+    """Whether triton imports here (the backend's kernels can be compiled or interpreted)."""
+    return _import_error() is None
+
+
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks triton to interpret kernels (then CPU tensors are accepted)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def _dispatch(op: str):
+    def run(*args):
+        from . import ops  # imports triton and compiles nothing yet; kernels compile on first launch
+        return ops.BACKEND_FNS[op](*args)
+    run.__name__ = f"triton_{op}"
+    return run
+
+
+def register() -> None:
+    """(Re-)register the triton implementations with sparsity_ext's backend registry."""
+    devices = ("cuda", "cpu") if interpreting() else ("cuda",)
+    for op in OP_NAMES:
+        _backend.register(op, "triton", _dispatch(op), devices=devices,
+                          dtypes=_DATA_DTYPES if op in _FLOAT_DATA_OPS else None,
+                          available=is_available, unavailable_reason=lambda: _import_error() or "")
+
+
+register()

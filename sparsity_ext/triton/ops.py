@@ -1,0 +1,289 @@
+"""Launchers of the triton kernels, registered as torch.library ops in the namespace sparsity_ext_triton.
+
+Inputs are validated by sparsity_ext.ops (the public surface); these launchers check only what is
+specific to triton (the device) and allocate outputs. block_norm_mask, block_norm_mask_apply_ and
+select_threshold are torch.library.custom_op: their scoring kernel must be launched with
+enable_fp_fusion=False for bit-exact scores, a launch option that torch.compile's tracing of a
+triton_op would not carry. The other ops are torch.library.triton_op (compile sees their kernels).
+Every op has a fake (shape-only) implementation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import custom_op, triton_op, wrap_triton
+
+from .. import reference
+from . import kernels
+
+NAMESPACE = "sparsity_ext_triton"
+# Keeps x*x + acc two roundings (no FMA) in the scoring kernel; the interpreter never fuses.
+_EXACT = {} if kernels.INTERPRETED else {"enable_fp_fusion": False}
+_PACK_BLOCK_BYTES = 512
+_RADIX_BLOCK = 2048
+
+
+def _launchable(kernel):
+    """The kernel as a triton_op body must call it: via wrap_triton, except for the interpreter's
+    kernels (which torch 2.11's wrap_triton rejects and which are launched directly anyway)."""
+    return kernel if kernels.INTERPRETED else wrap_triton(kernel)
+
+
+def _check_device(t: torch.Tensor, op: str) -> None:
+    if t.device.type == "cpu" and not kernels.INTERPRETED:
+        raise RuntimeError(f"{op}: the triton backend runs CPU tensors only in triton's interpreter; set "
+                           f"TRITON_INTERPRET=1 before sparsity_ext.triton.kernels is first imported")
+
+
+def _tune_key(h: int, w: int) -> int:
+    """Autotuning bucket of an h x w problem: (bit length of h, bit length of w)."""
+    return (h.bit_length() << 8) | w.bit_length()
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """A 2-D (rows, last dim) view of t, or None when t's strides allow no such view."""
+    if t.dim() <= 1:
+        return t.view(1, -1)
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
+    if packed:
+        return data.new_empty(((data.numel() + 7) // 8,), dtype=torch.uint8)
+    return data.new_empty(data.shape, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- radix select
+def _score_keys(x: torch.Tensor, block_shape: tuple[int, int], norm: int):
+    """(keys, histogram of their first radix digit): one int32 key per block (kernels._score_key)."""
+    h, w = x.shape
+    bh, bw = block_shape
+    nbh, nbw = triton.cdiv(h, bh), triton.cdiv(w, bw)
+    keys = torch.empty(nbh * nbw, dtype=torch.int32, device=x.device)
+    hist = torch.zeros(len(kernels.RADIX_DIGITS), kernels.RADIX_BINS, dtype=torch.int64, device=x.device)
+    shift, bits = kernels.RADIX_DIGITS[0]
+    kernels.block_scores[lambda meta: (triton.cdiv(nbh, meta["TILE_R"]) * triton.cdiv(nbw, meta["TILE_C"]),)](
+        x, keys, hist[0], h, w, x.stride(0), x.stride(1), nbh, nbw, _tune_key(nbh, nbw),
+        BH=bh, BW=bw, NORM=norm, DIGIT_SHIFT=shift, NBINS=1 << bits, **kernels.SCORES_INTERPRETER_META, **_EXACT)
+    return keys, hist
+
+
+def _radix_select(keys: torch.Tensor, hist: torch.Tensor, k: int):
+    """The k-th smallest key T (1-based, as int32 bits) and how many keys equal to T are among the k
+    smallest, both as 1-element device tensors; no host synchronisation. hist[0] must already hold
+    the first digit's histogram."""
+    prefix = torch.zeros(1, dtype=torch.int32, device=keys.device)
+    remaining = torch.full((1,), k, dtype=torch.int64, device=keys.device)
+    prefix_shift = 32
+    for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
+        if digit > 0:
+            kernels._radix_histogram_kernel[(triton.cdiv(keys.numel(), _RADIX_BLOCK),)](
+                keys, prefix, hist[digit], keys.numel(), PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift,
+                NBINS=1 << bits, BLOCK=_RADIX_BLOCK)
+        kernels._radix_pick_kernel[(1,)](hist[digit], prefix, remaining, DIGIT_SHIFT=shift, NBINS=1 << bits)
+        prefix_shift = shift
+    return prefix, remaining
+
+
+# --------------------------------------------------------------------------------- mask write
+def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, packed, apply, launch):
+    """One launch of kernels.block_norm_mask writing `out` (bool (h, w) or packed bytes) for x (h, w)."""
+    h, w = x.shape
+    bh, bw = block_shape
+    keys, tie_rank, threshold, remaining = selection if selection is not None else (x, x, x, x)
+    launch(kernels.block_norm_mask)[
+        lambda meta: (triton.cdiv(h, meta["TILE_R"]) * triton.cdiv(triton.cdiv(w, 8), meta["TILE_BYTES"]),)](
+        x, out.view(torch.uint8), keys, tie_rank, threshold, remaining, h, w, x.stride(0), x.stride(1),
+        triton.cdiv(w, bw), zeros_per_block, _tune_key(h, w), BH=bh, BW=bw, NORM=norm, SELECT=select,
+        RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **kernels.MASK_INTERPRETER_META)
+
+
+def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, packed, apply, op):
+    _check_device(data, op)
+    h, w = data.shape
+    bh, bw = block_shape
+    num_blocks = triton.cdiv(h, bh) * triton.cdiv(w, bw)
+    k = reference.num_selected_blocks(sparsity_level, num_blocks)
+    out = _mask_like(data, packed)
+    if data.numel() == 0:
+        return out
+    selection = None
+    if k == 0 or zeros_per_block == 0:
+        select = kernels.SELECT_NONE
+    elif k == num_blocks:
+        select = kernels.SELECT_ALL
+    else:
+        select = kernels.SELECT_BY_KEY
+        keys, hist = _score_keys(data, block_shape, norm)
+        threshold, remaining = _radix_select(keys, hist, k)
+        # Rank of each block among the blocks whose key equals T, in index order (ties: lower index first).
+        tie_dtype = torch.int32 if num_blocks < 2 ** 31 else torch.int64
+        selection = (keys, torch.cumsum(keys == threshold, 0, dtype=tie_dtype), threshold, remaining)
+    ranked = zeros_per_block < bh * bw
+    # Packed bytes are written directly when no byte straddles two rows; else a bool mask is packed after.
+    target = out if not packed or w % 8 == 0 else torch.empty((h, w), dtype=torch.bool, device=data.device)
+    _write_mask(data, target, selection, block_shape, zeros_per_block, norm, select,
+                packed=target is out and packed, apply=apply and not ranked, launch=lambda kernel: kernel)
+    if target is not out:
+        _pack(target, out, launch=lambda kernel: kernel)
+    if apply and ranked and select != kernels.SELECT_NONE:
+        # Ranking reads the block's values, so zeroing waits for the whole mask (a second pass).
+        _apply(data, target, launch=lambda kernel: kernel)
+    return out
+
+
+@custom_op(f"{NAMESPACE}::block_norm_mask", mutates_args=())
+def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: list[int], zeros_per_block: int,
+                    norm: int, packed: bool = False) -> torch.Tensor:
+    """sparsity_ext.ops.block_norm_mask on 2-D data (fp32/fp16/bf16)."""
+    return _block_norm_mask(data, sparsity_level, tuple(block_shape), zeros_per_block, norm, packed, False,
+                            "block_norm_mask")
+
+
+@custom_op(f"{NAMESPACE}::block_norm_mask_apply_", mutates_args=("data",))
+def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: list[int], zeros_per_block: int,
+                           norm: int, packed: bool = False) -> torch.Tensor:
+    """block_norm_mask, zeroing data in place where the mask is False (fused into the mask write
+    when whole blocks are zeroed)."""
+    return _block_norm_mask(data, sparsity_level, tuple(block_shape), zeros_per_block, norm, packed, True,
+                            "block_norm_mask_apply_")
+
+
+@block_norm_mask.register_fake
+def _(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
+    return _mask_like(data, packed)
+
+
+@block_norm_mask_apply_.register_fake
+def _(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
+    return _mask_like(data, packed)
+
+
+@custom_op(f"{NAMESPACE}::select_threshold", mutates_args=())
+def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparsity_ext.ops.select_threshold: the radix select of block_norm_mask on 1 x 1 blocks."""
+    _check_device(values, "select_threshold")
+    row = values.view(1, -1)
+    keys, hist = _score_keys(row, (1, 1), 0)
+    threshold, remaining = _radix_select(keys, hist, k)
+    # Invert kernels._score_key (0xFFFFFFFF becomes the NaN 0x7FFFFFFF).
+    key = threshold.to(torch.int64) & 0xFFFFFFFF
+    bits = torch.where(key >= 2 ** 31, key - 2 ** 31, 0xFFFFFFFF - key)
+    bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
+    return bits.view(torch.float32).to(values.dtype).reshape(()), remaining.reshape(())
+
+
+@select_threshold.register_fake
+def _(values, k):
+    return values.new_empty(()), values.new_empty((), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------- triton_op ops
+@triton_op(f"{NAMESPACE}::nm_mask", mutates_args=())
+def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask of 2-D data: blocks (1, m), all selected, m - n zeros each, ranked by |x|."""
+    _check_device(data, "nm_mask")
+    out = torch.empty(data.shape, dtype=torch.bool, device=data.device)
+    if data.numel() > 0:
+        select = kernels.SELECT_ALL if n < m else kernels.SELECT_NONE
+        _write_mask(data, out, None, (1, m), m - n, 1, select, packed=False, apply=False, launch=_launchable)
+    return out
+
+
+def _apply(x: torch.Tensor, mask: torch.Tensor, launch) -> None:
+    """Zero the 2-D x in place where mask (bool of x's shape, contiguous, or packed bytes) is False."""
+    h, w = x.shape
+    tile_c = min(512, triton.next_power_of_2(w))
+    tile_r = min(triton.next_power_of_2(h), max(1, 2048 // tile_c))
+    launch(kernels._apply_mask_kernel)[(triton.cdiv(h, tile_r) * triton.cdiv(w, tile_c),)](
+        x, mask.view(torch.uint8), h, w, x.stride(0), x.stride(1),
+        PACKED=mask.dtype == torch.uint8, TILE_R=tile_r, TILE_C=tile_c)
+
+
+@triton_op(f"{NAMESPACE}::apply_mask_", mutates_args=("data",))
+def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> None:
+    """data[i] = 0 where mask[i] is False (mask: bool of data's shape, or packed bits), in place."""
+    _check_device(data, "apply_mask_")
+    if data.numel() == 0:
+        return
+    mask = mask.contiguous()
+    rows = _as_rows(data)
+    if rows is not None:
+        _apply(rows, mask, launch=_launchable)
+        return
+    # No 2-D view of data exists (e.g. a permuted N-D tensor): zero a contiguous copy, copy it back.
+    dense = data.contiguous()
+    _apply(dense.view(-1, dense.shape[-1]), mask, launch=_launchable)
+    data.copy_(dense)
+
+
+def _pack(mask: torch.Tensor, out: torch.Tensor, launch) -> None:
+    num_bytes = out.numel()
+    launch(kernels._pack_mask_kernel)[(triton.cdiv(num_bytes, _PACK_BLOCK_BYTES),)](
+        mask.view(torch.uint8), out, mask.numel(), num_bytes, BLOCK_BYTES=_PACK_BLOCK_BYTES)
+
+
+@triton_op(f"{NAMESPACE}::pack_mask", mutates_args=())
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask (any shape) -> uint8[ceil(numel / 8)], bit i of byte j = element 8j + i (row-major)."""
+    _check_device(mask, "pack_mask")
+    out = _mask_like(mask, packed=True)
+    if out.numel() > 0:
+        _pack(mask.contiguous(), out, launch=_launchable)
+    return out
+
+
+@triton_op(f"{NAMESPACE}::unpack_mask", mutates_args=())
+def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """Inverse of pack_mask: uint8 bits -> bool mask of `shape`."""
+    _check_device(packed, "unpack_mask")
+    out = torch.empty(shape, dtype=torch.bool, device=packed.device)
+    if out.numel() > 0:
+        launch = _launchable(kernels._unpack_mask_kernel)
+        launch[(triton.cdiv(packed.numel(), _PACK_BLOCK_BYTES),)](
+            packed, out.view(torch.uint8), out.numel(), BLOCK_BYTES=_PACK_BLOCK_BYTES)
+    return out
+
+
+@nm_mask.register_fake
+def _(data, n, m):
+    return _mask_like(data, packed=False)
+
+
+@apply_mask_.register_fake
+def _(data, mask):
+    return None
+
+
+@pack_mask.register_fake
+def _(mask):
+    return _mask_like(mask, packed=True)
+
+
+@unpack_mask.register_fake
+def _(packed, shape):
+    return packed.new_empty(shape, dtype=torch.bool)
+
+
+# The functions sparsity_ext._backend calls, with sparsity_ext.ops' argument conventions.
+def _apply_mask_backend(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    apply_mask_(data, mask)
+    return data
+
+
+BACKEND_FNS = {
+    "block_norm_mask": lambda data, level, block_shape, zeros, norm, packed=False:
+        block_norm_mask(data, level, list(block_shape), zeros, norm, packed),
+    "block_norm_mask_apply_": lambda data, level, block_shape, zeros, norm, packed=False:
+        block_norm_mask_apply_(data, level, list(block_shape), zeros, norm, packed),
+    "nm_mask": nm_mask,
+    "select_threshold": select_threshold,
+    "apply_mask_": _apply_mask_backend,
+    "pack_mask": pack_mask,
+    "unpack_mask": lambda packed, shape: unpack_mask(packed, list(shape)),
+}

@@ -15,14 +15,18 @@ from ..sparsifier.base_sparsifier import BaseSparsifier
 __all__ = ["BaseScheduler"]
 
 
-def _sparsifier_classes() -> tuple[type, ...]:
-    """This package's BaseSparsifier, and torch.ao.pruning's when torch ships it (a scheduler of ours may
-    drive a torch.ao.pruning sparsifier; torch.ao.pruning is never required)."""
+def check_sparsifier(sparsifier) -> None:
+    """TypeError unless `sparsifier` is a BaseSparsifier: this package's, or torch.ao.pruning's when torch
+    ships it (our schedulers may drive torch.ao.pruning sparsifiers; torch.ao.pruning is never required)."""
+    classes: tuple[type, ...] = (BaseSparsifier,)
     try:
         from torch.ao.pruning import BaseSparsifier as TorchBaseSparsifier
+        classes += (TorchBaseSparsifier,)
     except ImportError:
-        return (BaseSparsifier,)
-    return (BaseSparsifier, TorchBaseSparsifier)
+        pass
+    if not isinstance(sparsifier, classes):
+        raise TypeError(f"{type(sparsifier).__name__} is not an instance of sparsity_ext.BaseSparsifier "
+                        "(or torch.ao.pruning.BaseSparsifier)")
 
 
 def _count_calls(method):
@@ -72,9 +76,7 @@ class BaseScheduler:
     """
 
     def __init__(self, sparsifier, last_epoch: int = -1, verbose: bool = False):
-        if not isinstance(sparsifier, _sparsifier_classes()):
-            raise TypeError(f"{type(sparsifier).__name__} is not an instance of sparsity_ext.BaseSparsifier "
-                            "(or torch.ao.pruning.BaseSparsifier)")
+        check_sparsifier(sparsifier)
         self.sparsifier = sparsifier
         self.base_sl = [group["sparsity_level"] for group in sparsifier.groups]
         self.last_epoch = last_epoch

@@ -3,7 +3,7 @@ torch.ao.pruning.CubicSL."""
 from __future__ import annotations
 
 
-from .base_scheduler import BaseScheduler
+from .base_scheduler import BaseScheduler, check_sparsifier
 
 __all__ = ["CubicSL"]
 
@@ -32,6 +32,7 @@ class CubicSL(BaseScheduler):
 
     def __init__(self, sparsifier, init_sl=0.0, init_t=0, delta_t=10, total_t=100, initially_zero=False,
                  last_epoch=-1, verbose=False):
+        check_sparsifier(sparsifier)  # before its groups are read
         self.sparsifier = sparsifier
         self.init_sl = self._make_sure_a_list(init_sl)
         self.init_t = self._make_sure_a_list(init_t)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base_scheduler import BaseScheduler
+from .base_scheduler import BaseScheduler, check_sparsifier
 
 __all__ = ["LambdaSL"]
 
@@ -29,6 +29,7 @@ class LambdaSL(BaseScheduler):
 
     def __init__(self, sparsifier, sl_lambda: Callable[[int], float] | list[Callable[[int], float]],
                  last_epoch: int = -1, verbose: bool = False) -> None:
+        check_sparsifier(sparsifier)  # before its groups are read
         self.sparsifier = sparsifier
         if isinstance(sl_lambda, (list, tuple)):
             if len(sl_lambda) != len(sparsifier.groups):

@@ -1,0 +1,332 @@
+// Torch-free math shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda): both call
+// these functions, so they round identically and the CPU tests exercise the code the GPU runs.
+// The contract is DESIGN.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
+//
+// Exactness: scores are fp32 for fp32/fp16/bf16 input. Build with -ffp-contract=off (host) and
+// -fmad=false (nvcc): a fused multiply-add in sum += x * x would round differently from the
+// reference, which computes x * x and the block sums (avg_pool2d) as separate fp32 operations.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define SPX_HD __host__ __device__ __forceinline__
+#define SPX_UNROLL _Pragma("unroll")
+#else
+#define SPX_HD inline
+#define SPX_UNROLL _Pragma("GCC unroll 32")
+#endif
+
+namespace sparsity_ext {
+
+// 16-bit float storage, layout-compatible with c10::Half / __half and c10::BFloat16 / __nv_bfloat16,
+// so kernels can read torch tensors without torch headers.
+struct half_storage {
+  uint16_t bits;
+};
+struct bf16_storage {
+  uint16_t bits;
+};
+
+SPX_HD uint32_t float_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+SPX_HD float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// ------------------------------------------------------------------ element values and norms
+SPX_HD float to_float(float x) { return x; }
+
+SPX_HD float to_float(bf16_storage x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
+
+SPX_HD float to_float(half_storage x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(x.bits));
+#else
+  // IEEE binary16 -> binary32, exact for every input (including subnormals, inf and NaN).
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = x.bits & 0x3ffu;
+  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  // zero or subnormal: mantissa * 2^-24 is exact in fp32
+  return bits_to_float(sign | float_to_bits(static_cast<float>(mantissa) * 5.9604644775390625e-08f));
+#endif
+}
+
+SPX_HD float fp32_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);  // never contracted into an FMA, whatever the flags
+#else
+  return a + b;
+#endif
+}
+
+// norm: 0 identity, 1 |x|, 2 x*x (all in fp32).
+SPX_HD float element_norm(float x, int norm) {
+  if (norm == 0) return x;
+  if (norm == 1) return fabsf(x);
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, x);
+#else
+  return x * x;
+#endif
+}
+
+// ------------------------------------------------------------------------------ order keys
+// Unsigned order of keys == float order, with -0.0 == +0.0 and every NaN equal and largest
+// (0xFFFFFFFF; +inf is 0xFF800000). Ties between equal keys are broken by index elsewhere.
+constexpr uint32_t kNanKey = 0xFFFFFFFFu;
+
+SPX_HD uint32_t order_key(float x) {
+  if (x != x) return kNanKey;
+  uint32_t bits = float_to_bits(x);
+  if (bits == 0x80000000u) bits = 0;  // -0.0 ranks as +0.0
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Inverse of order_key on its image (kNanKey -> a quiet NaN, 0x7FFFFFFF).
+SPX_HD float key_to_float(uint32_t key) {
+  return bits_to_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+template <typename T>
+SPX_HD uint32_t element_key(T x, int norm) {
+  return order_key(element_norm(to_float(x), norm));
+}
+
+// ------------------------------------------------------------------------------- selection
+// Number of selected blocks: none for s <= 0, all for s >= 1, else round-half-even(s * n) in double
+// (Python's round(), as torch.ao.pruning computes it) clamped to [0, n - 1].
+SPX_HD int64_t num_selected_blocks(double sparsity_level, int64_t num_blocks) {
+  if (num_blocks <= 0 || sparsity_level <= 0.0) return 0;
+  if (sparsity_level >= 1.0) return num_blocks;
+  const double rounded = nearbyint(sparsity_level * static_cast<double>(num_blocks));
+  if (rounded <= 0.0) return 0;
+  const int64_t k = static_cast<int64_t>(rounded);
+  return k > num_blocks - 1 ? num_blocks - 1 : k;
+}
+
+// Block b (row-major over the grid of blocks) is selected when its key is below the threshold key,
+// or equal to it and b is at most last_tied_block (ties go to lower block indices).
+SPX_HD bool block_selected(uint32_t key, int64_t block, uint32_t threshold_key, int64_t last_tied_block) {
+  return key < threshold_key || (key == threshold_key && block <= last_tied_block);
+}
+
+// ---------------------------------------------------------------------------- block geometry
+// Blocks of block_rows x block_cols tile a rows x cols matrix from the top-left; edge blocks are
+// partial. The matrix is read as row-major with a row stride `ld` (unit column stride).
+struct BlockGrid {
+  int64_t rows, cols;
+  int64_t block_rows, block_cols;
+  int64_t grid_rows, grid_cols;  // number of blocks down / across
+
+  SPX_HD int64_t num_blocks() const { return grid_rows * grid_cols; }
+  SPX_HD int64_t block_size() const { return block_rows * block_cols; }
+  SPX_HD int64_t valid_rows(int64_t block_row) const {
+    const int64_t left = rows - block_row * block_rows;
+    return left < block_rows ? left : block_rows;
+  }
+  SPX_HD int64_t valid_cols(int64_t block_col) const {
+    const int64_t left = cols - block_col * block_cols;
+    return left < block_cols ? left : block_cols;
+  }
+};
+
+SPX_HD BlockGrid make_block_grid(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols) {
+  return BlockGrid{rows, cols, block_rows, block_cols, (rows + block_rows - 1) / block_rows,
+                   (cols + block_cols - 1) / block_cols};
+}
+
+// Score of one block: (fp32 sum of the valid elements' norms, row-major) / (valid count), the exact
+// operation order of avg_pool2d(ceil_mode=True, count_include_pad=True) with zero padding.
+template <typename T>
+SPX_HD float block_mean_norm(const T* data, int64_t ld, const BlockGrid& grid, int64_t block_row,
+                             int64_t block_col, int norm) {
+  const int64_t nrows = grid.valid_rows(block_row), ncols = grid.valid_cols(block_col);
+  const T* first = data + block_row * grid.block_rows * ld + block_col * grid.block_cols;
+  float sum = 0.0f;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* row = first + r * ld;
+    for (int64_t c = 0; c < ncols; ++c) sum = fp32_add(sum, element_norm(to_float(row[c]), norm));
+  }
+  return sum / static_cast<float>(nrows * ncols);
+}
+
+// --------------------------------------------------------------- selection inside one block
+// Valid elements of a block are numbered row-major among the valid ones (p = r * valid_cols + c);
+// the z elements with the smallest (key, p) are zeroed.
+
+// Bit p set <=> element p is among the z smallest of the n <= 32 keys (rank counting, O(n^2)).
+// kMaxN is a compile-time bound on n so that small groups (e.g. 2:4) live in registers.
+template <int kMaxN>
+SPX_HD uint32_t smallest_z_bits(const uint32_t (&keys)[kMaxN], int n, int64_t z) {
+  static_assert(kMaxN >= 1 && kMaxN <= 32, "rank counting is for groups of at most 32 elements");
+  if (z >= n) return n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
+  uint32_t bits = 0;
+  SPX_UNROLL
+  for (int p = 0; p < kMaxN; ++p) {
+    if (p >= n) break;
+    int rank = 0;
+    SPX_UNROLL
+    for (int q = 0; q < kMaxN; ++q) {
+      if (q >= n) break;
+      rank += (keys[q] < keys[p]) || (keys[q] == keys[p] && q < p);
+    }
+    if (rank < z) bits |= 1u << p;
+  }
+  return bits;
+}
+
+// The z smallest (key, p) pairs of any number n of valid elements are exactly those whose
+// (key << 32 | p) is <= the returned cut; ~0 when z >= n (every valid element). key_at(p) gives the
+// key of element p. Bitwise bisection on the key: 34 passes over the block, no scratch memory, so
+// it also serves one GPU thread per block; used for blocks too large for smallest_z_bits.
+constexpr uint64_t kCutAll = ~uint64_t{0};
+
+template <class KeyAt>
+SPX_HD uint64_t smallest_z_cut(const KeyAt& key_at, int64_t n, int64_t z) {
+  if (z >= n) return kCutAll;
+  // threshold = the smallest key t with #(key <= t) >= z, decided from the top bit down
+  uint32_t threshold = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t probe = threshold | ((1u << bit) - 1u);
+    int64_t at_most = 0;
+    for (int64_t p = 0; p < n; ++p) at_most += key_at(p) <= probe;
+    if (at_most < z) threshold |= 1u << bit;
+  }
+  int64_t take = z;  // the cut is the take-th element equal to threshold, after every smaller one
+  for (int64_t p = 0; p < n; ++p) take -= key_at(p) < threshold;
+  for (int64_t p = 0; p < n; ++p) {
+    if (key_at(p) == threshold && --take == 0) return (static_cast<uint64_t>(threshold) << 32) | static_cast<uint64_t>(p);
+  }
+  return kCutAll;  // unreachable: 1 <= take <= #(key == threshold)
+}
+
+SPX_HD uint64_t cut_key(uint32_t key, int64_t p) { return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(p); }
+
+// Zero bits of n <= kMaxN consecutive elements of one row (a block of one row, e.g. an N:M group).
+template <int kMaxN, typename T>
+SPX_HD uint32_t row_group_zero_bits(const T* first, int n, int64_t z, int norm) {
+  uint32_t keys[kMaxN];
+  SPX_UNROLL
+  for (int p = 0; p < kMaxN; ++p) keys[p] = p < n ? element_key(first[p], norm) : kNanKey;
+  return smallest_z_bits<kMaxN>(keys, n, z);
+}
+
+// The cut (see smallest_z_cut) of block (block_row, block_col): rank counting when it has at most 32
+// valid elements, bisection beyond.
+template <typename T>
+SPX_HD uint64_t block_zero_cut(const T* data, int64_t ld, const BlockGrid& grid, int64_t block_row,
+                               int64_t block_col, int64_t z, int norm) {
+  const int64_t ncols = grid.valid_cols(block_col);
+  const int64_t n = grid.valid_rows(block_row) * ncols;
+  if (z >= n) return kCutAll;
+  const T* first = data + block_row * grid.block_rows * ld + block_col * grid.block_cols;
+  const auto key_at = [&](int64_t p) { return element_key(first[(p / ncols) * ld + p % ncols], norm); };
+  if (n > 32) return smallest_z_cut(key_at, n, z);
+  uint32_t keys[32];
+  for (int p = 0; p < n; ++p) keys[p] = key_at(p);
+  const uint32_t bits = smallest_z_bits<32>(keys, static_cast<int>(n), z);
+  uint64_t cut = 0;  // the largest zeroed (key, p)
+  for (int p = 0; p < n; ++p) {
+    if (((bits >> p) & 1u) && cut_key(keys[p], p) > cut) cut = cut_key(keys[p], p);
+  }
+  return cut;
+}
+
+// ------------------------------------------------------------------------- flat range walk
+// Visits the flat row-major range [begin, end) of a matrix with `cols` columns as maximal runs that
+// stay inside one row and one block column: visit(row, block_col, col_begin, col_end, offset), where
+// offset = flat index of (row, col_begin) - begin. Divides once, then steps.
+template <class Visit>
+SPX_HD void for_each_block_run(int64_t begin, int64_t end, int64_t cols, int64_t block_cols, Visit&& visit) {
+  if (begin >= end || cols <= 0) return;
+  int64_t row = begin / cols;
+  int64_t col = begin - row * cols;
+  int64_t block_col = col / block_cols;
+  int64_t block_end = (block_col + 1) * block_cols;
+  int64_t offset = 0;
+  const int64_t count = end - begin;
+  while (offset < count) {
+    int64_t run_end = block_end < cols ? block_end : cols;
+    if (run_end - col > count - offset) run_end = col + (count - offset);
+    visit(row, block_col, col, run_end, offset);
+    offset += run_end - col;
+    col = run_end;
+    if (col == cols) {
+      ++row;
+      col = 0;
+      block_col = 0;
+      block_end = block_cols;
+    } else if (col == block_end) {
+      ++block_col;
+      block_end += block_cols;
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- radix select
+// The k-th smallest uint32 key in three histogram passes over digits of 11, 11 and 10 bits (high to
+// low). Pass p counts, per digit, the keys whose higher bits equal the prefix found so far.
+constexpr int kRadixPasses = 3;
+constexpr int kRadixBins = 2048;
+
+SPX_HD int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+SPX_HD int radix_bins(int pass) { return pass == 2 ? 1024 : 2048; }
+SPX_HD uint32_t radix_digit(uint32_t key, int pass) {
+  return (key >> radix_shift(pass)) & static_cast<uint32_t>(radix_bins(pass) - 1);
+}
+// Keys still in the running in pass p: those whose bits above the pass's digit equal the prefix.
+SPX_HD bool radix_candidate(uint32_t key, uint32_t prefix, int pass) {
+  const uint32_t above = pass == 0 ? 0u : (pass == 1 ? 0xFFE00000u : 0xFFFFFC00u);
+  return (key & above) == prefix;
+}
+
+// Progress of one selection: after the last pass, prefix is the k-th smallest key, less = #(key <
+// prefix), rank = k - less = how many keys equal to prefix are taken (lowest indices first), and
+// equal = #(key == prefix).
+struct RadixState {
+  uint32_t prefix;
+  int64_t rank;  // 1-based rank of the k-th key among the remaining candidates
+  int64_t less;
+  int64_t equal;
+  int64_t last_tied_index;  // filled by the caller: index of the rank-th key equal to prefix
+};
+
+SPX_HD RadixState radix_start(int64_t k) { return RadixState{0u, k, 0, 0, INT64_MAX}; }
+
+// One pass's digit choice from its histogram (host / single-thread version; the CUDA kernels do the
+// same with a block-wide scan).
+inline void radix_step(const int64_t* hist, int pass, RadixState& state) {
+  const int bins = radix_bins(pass);
+  for (int d = 0; d < bins; ++d) {
+    if (state.rank <= hist[d]) {
+      state.prefix |= static_cast<uint32_t>(d) << radix_shift(pass);
+      state.equal = hist[d];
+      return;
+    }
+    state.rank -= hist[d];
+    state.less += hist[d];
+  }
+}
+
+}  // namespace sparsity_ext

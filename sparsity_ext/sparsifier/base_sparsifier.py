@@ -70,6 +70,14 @@ def mask_of(module, tensor_name: str, where: str) -> torch.Tensor:
     return mask
 
 
+def checked_shape(module, tensor_name: str, where: str) -> torch.Size:
+    """The shape of module.<tensor_name>, read without running its parametrizations; when it has them,
+    the first one's mask is checked to have that shape."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return mask_of(module, tensor_name, where).shape
+    return getattr(module, tensor_name).shape
+
+
 class BaseSparsifier(abc.ABC):
     """Base class of the sparsifiers: subclasses implement `update_mask`.
 

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .base_sparsifier import BaseSparsifier, mask_of
+from .base_sparsifier import BaseSparsifier, checked_shape, mask_of
 
 __all__ = ["NearlyDiagonalSparsifier"]
 
@@ -48,13 +48,8 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
         super().__init__(defaults={"nearliness": nearliness})
 
     def _validate_group(self, group) -> None:
-        module, tensor_name = group["module"], group["tensor_name"]
         where = f"{type(self).__name__} ({group['tensor_fqn']})"
-        if hasattr(module, "parametrizations") and tensor_name in module.parametrizations:
-            shape = mask_of(module, tensor_name, where).shape
-        else:
-            shape = getattr(module, tensor_name).shape
-        _check_nearliness(group["nearliness"], shape, where)
+        _check_nearliness(group["nearliness"], checked_shape(group["module"], group["tensor_name"], where), where)
 
     def update_mask(self, module, tensor_name, nearliness, **kwargs):
         """Writes the band mask into module.<tensor_name>'s mask buffer (in place)."""

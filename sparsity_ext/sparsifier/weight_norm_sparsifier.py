@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import ops
-from .base_sparsifier import BaseSparsifier, mask_of
+from .base_sparsifier import BaseSparsifier, checked_shape, mask_of
 
 __all__ = ["WeightNormSparsifier"]
 
@@ -101,13 +101,7 @@ class WeightNormSparsifier(BaseSparsifier):
     def _validate_group(self, group) -> None:
         where = f"{type(self).__name__} ({group['tensor_fqn']})"
         _check_args(group["sparsity_level"], group["sparse_block_shape"], group["zeros_per_block"], where)
-        module, tensor_name = group["module"], group["tensor_name"]
-        if hasattr(module, "parametrizations") and tensor_name in module.parametrizations:
-            tensor_shape = module.parametrizations[tensor_name].original.shape
-            mask_of(module, tensor_name, where)
-        else:
-            tensor_shape = getattr(module, tensor_name).shape
-        if len(tensor_shape) == 0:
+        if len(checked_shape(group["module"], group["tensor_name"], where)) == 0:
             raise ValueError(f"{where}: cannot sparsify a 0-d tensor")
 
     def _scores_and_norm(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:

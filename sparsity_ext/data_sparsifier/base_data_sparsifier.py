@@ -211,15 +211,16 @@ class BaseDataSparsifier(BaseSparsifier):
         changes any mask. Subclasses check their own arguments here."""
 
     def step(self) -> None:
-        """update_mask(name, original data, **config) for every name, unless enable_mask_update is False."""
+        """update_mask(name, original data, **config) for every name whose mask is not squashed (torch.ao.pruning
+        raises on squashed ones), unless enable_mask_update is False."""
         if not self.enable_mask_update:
             return
         with torch.no_grad():
-            originals = {name: self.get_data(name) for name in self.data_groups}
-            for name, config in self.data_groups.items():
-                self._validate_data(name, originals[name], **config)
-            for name, config in self.data_groups.items():
-                self.update_mask(name, originals[name], **config)
+            originals = {name: self.get_data(name) for name in self.data_groups if not self._squashed(name)}
+            for name, original in originals.items():
+                self._validate_data(name, original, **self.data_groups[name])
+            for name, original in originals.items():
+                self.update_mask(name, original, **self.data_groups[name])
 
     def update_mask(self, name: str, data: torch.Tensor, **kwargs) -> None:  # type: ignore[override]
         """Computes the mask of `name` from its original `data` and writes it into self.get_mask(name)."""

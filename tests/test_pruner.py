@@ -161,6 +161,19 @@ def test_bias_hook_adds_the_original_bias_and_zeroes_pruned_rows_with_prune_bias
     assert bool((linear._bias[~keep] == 0).all()) == prune_bias
 
 
+def test_bias_hook_on_unbatched_conv_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3))
+    pruner, _ = prepared(OursRowPruner, model, config_of(["0"]), torch.randn(1, 2, 8, 8))
+    x = torch.randn(2, 8, 8)
+    torch.testing.assert_close(model(x), model(x[None])[0], **TOL)
+
+
+def test_prune_before_prepare_raises():
+    with pytest.raises(RuntimeError, match="call prepare"):
+        OursRowPruner({}).prune()
+
+
 def test_bias_hook_lets_the_bias_train():
     model = nn.Sequential(nn.Linear(4, 6))
     pruner = OursRowPruner({})

@@ -31,7 +31,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.utils import fqn_to_module
 from . import prune_functions as pf
-from .match_utils import MatchAllNode, apply_match
+from .match_utils import apply_match
 from .parametrization import BiasHook, FakeStructuredSparsity, module_contains_param, structured_mask
 
 __all__ = ["BaseStructuredSparsifier"]
@@ -270,8 +270,16 @@ class BaseStructuredSparsifier(BaseSparsifier):
         finally:
             del self._given_masks
 
+    @staticmethod
+    def _unmasked(group: dict[str, Any]) -> torch.Tensor:
+        """The group's tensor without computing its masked value (the parametrization's original)."""
+        module, tensor_name = group["module"], group["tensor_name"]
+        if parametrize.is_parametrized(module, tensor_name):
+            return module.parametrizations[tensor_name].original
+        return getattr(module, tensor_name)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
-        tensor = getattr(group["module"], group["tensor_name"])
+        tensor = self._unmasked(group)
         if tensor.dim() < 1:
             raise ValueError(f"{group['tensor_fqn']}: structured pruning needs a tensor with at least one dimension")
         if not isinstance(group.get("prune_bias", True), bool):
@@ -369,6 +377,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
         Returns the traced GraphModule; it shares its modules with the model, which is pruned too.
         Raises ValueError, with the model unchanged, when a masked layer cannot be pruned (see module doc).
         """
+        if not hasattr(self, "model"):
+            raise RuntimeError(f"{type(self).__name__}.prune: call prepare(model, config) first")
         traced = symbolic_trace(self.model)
         plan = self._plan(traced)
         for convert_fn, block in plan:

@@ -41,8 +41,9 @@ class BiasHook:
 
     Attributes `param` (the FakeStructuredSparsity whose mask is used) and `prune_bias` as in
     torch.ao.pruning. Unlike torch.ao.pruning, the bias is added out of place as the parameter itself
-    (so it receives gradients while the masked model trains), and a Linear's bias is broadcast along
-    the last dimension, so inputs of any rank (e.g. (batch, seq, features)) work.
+    (so it receives gradients while the masked model trains), a Linear's bias is broadcast along the
+    last dimension, so inputs of any rank (e.g. (batch, seq, features)) work, and unbatched conv
+    inputs work.
     """
 
     def __init__(self, parametrization: FakeStructuredSparsity, prune_bias: bool):
@@ -56,9 +57,11 @@ class BiasHook:
         if self.prune_bias:
             with torch.no_grad():
                 bias[~self.param.mask] = 0  # persistent, as in torch.ao.pruning: a pruned bias stays zero
-        if isinstance(module, nn.Linear) or output.dim() < 2:
+        if isinstance(module, nn.Linear):
             return output + bias
-        return output + bias.reshape((1, -1) + (1,) * (output.dim() - 2))
+        shape = [1] * output.dim()
+        shape[output.dim() - 3] = -1  # the channel dim of a (N, C, H, W) or unbatched (C, H, W) conv output
+        return output + bias.reshape(shape)
 
 
 def structured_mask(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor:

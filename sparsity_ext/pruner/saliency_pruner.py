@@ -23,7 +23,7 @@ class SaliencyPruner(BaseStructuredSparsifier):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        if getattr(group["module"], group["tensor_name"]).dim() <= 1:
+        if self._unmasked(group).dim() <= 1:
             raise ValueError(f"{group['tensor_fqn']}: structured pruning needs a tensor with at least 2 dims")
         check_level(group)
 

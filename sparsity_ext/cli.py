@@ -284,7 +284,7 @@ def _mb(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.1f}"
 
 
-def _print_table(rows: list[dict], compare: bool, out=sys.stdout) -> None:
+def _print_table(rows: list[dict], compare: bool) -> None:
     headers = ["tensor", "shape", "sparsity", "time s"]
     if compare:
         headers += ["torch.ao s", "speedup", "same"]
@@ -309,16 +309,16 @@ def _print_table(rows: list[dict], compare: bool, out=sys.stdout) -> None:
     lines.append(total)
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    print(fmt(headers), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
+    print(fmt(headers))
+    print("  ".join("-" * w for w in widths))
     for line in lines[:-1]:
-        print(fmt(line), file=out)
-    print(fmt(lines[-1]), file=out)
+        print(fmt(line))
+    print(fmt(lines[-1]))
     print("sparsity: fraction of zeros in the result. dense MB: the tensor as torch.save stores it (raw, "
-          "uncompressed). packed MB: its nonzero values plus a 1-bit-per-element mask.", file=out)
+          "uncompressed). packed MB: its nonzero values plus a 1-bit-per-element mask.")
     if compare:
         print("torch.ao s: torch.ao.pruning DataNormSparsifier add_data + step + squash_mask on a copy; same: "
-              "identical result tensor.", file=out)
+              "identical result tensor.")
 
 
 def _sparsify(args) -> int:

@@ -16,7 +16,6 @@ so a 10^8-row table never needs a float mask, or any other temporary, of its own
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -29,10 +28,6 @@ from .. import ops
 from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.utils import FakeSparsity
 from ._chunked import packed_ones
-
-if not sys.warnoptions:
-    # add_data's "replacing" warning would otherwise repeat on every call of a training loop
-    warnings.simplefilter("once")
 
 __all__ = ["BaseDataSparsifier", "PackedFakeSparsity", "SUPPORTED_TYPES", "EMBEDDING_TYPES"]
 

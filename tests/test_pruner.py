@@ -409,6 +409,21 @@ def test_mixed_prune_bias_keeps_the_propagated_bias():
     assert not torch.allclose(theirs(x), torch_masked, **TOL)  # torch.ao loses layer 0's folded bias
 
 
+def test_flatten_chain_without_bias():
+    """torch.ao.pruning crashes here with prune_bias=False (it propagates a missing bias)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, bias=False), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 3))
+    x = torch.randn(2, 2, 8, 8)
+    theirs = copy.deepcopy(model)
+    pruner, masked = prepared(OursRowPruner, model, config_of(["0"], prune_bias=False), x)
+    pruner.prune()
+    assert model[3].in_features == 16
+    torch.testing.assert_close(model(x), masked, **TOL)
+    torch_pruner, _ = prepared(TorchRowPruner, theirs, config_of(["0"], prune_bias=False), x)
+    with pytest.raises(TypeError):
+        torch_pruner.prune()
+
+
 def test_average_pool_with_zero_padding_keeps_channels():
     """avg_pool2d(padding=1) counts the zero padding: a constant channel is not constant after it, so a
     channel with a bias cannot be folded and is kept."""

@@ -98,7 +98,8 @@ def test_fqn_to_module_and_arg_info_match_torch_ao(path):
     model = Nested()
     assert utils.fqn_to_module(model, path) is tao_utils.fqn_to_module(model, path)
     tensor_fqn = path or "weight"
-    assert utils.get_arg_info_from_tensor_fqn(model, tensor_fqn) == tao_utils.get_arg_info_from_tensor_fqn(model, tensor_fqn)
+    expected = tao_utils.get_arg_info_from_tensor_fqn(model, tensor_fqn)
+    assert utils.get_arg_info_from_tensor_fqn(model, tensor_fqn) == expected
 
 
 def test_fqn_lookups():
@@ -194,7 +195,8 @@ def test_prepare_merges_defaults_with_per_layer_overrides():
                                {"tensor_fqn": "head.weight", "sparsity_level": 0.8, "zeros_per_block": 2}])
     first, second = sparsifier.groups
     assert first == {"sparsity_level": 0.5, "sparse_block_shape": (1, 4), "zeros_per_block": 4,
-                     "tensor_fqn": "seq.0.weight", "module_fqn": "seq.0", "module": model.seq[0], "tensor_name": "weight"}
+                     "tensor_fqn": "seq.0.weight", "module_fqn": "seq.0", "module": model.seq[0],
+                     "tensor_name": "weight"}
     assert second["sparsity_level"] == 0.8 and second["zeros_per_block"] == 2 and second["module"] is model.head
     for group in sparsifier.groups:
         plist = group["module"].parametrizations["weight"]
@@ -269,8 +271,9 @@ def test_squash_mask_folds_masks_and_keeps_requested_params():
     sparsifier.prepare(model, [{"tensor_fqn": "seq.0.weight", "foo": 1, "bar": 2},
                                {"tensor_fqn": "head.weight", "foo": 3, "bar": 4, "baz": 5}])
     sparsifier.step()
-    expected = {fqn: (mask_of(model, fqn) * model.get_parameter(fqn.replace("weight", "parametrizations.weight.original")))
-                for fqn in ("seq.0.weight", "head.weight")}
+    originals = {fqn: model.get_parameter(fqn.replace("weight", "parametrizations.weight.original"))
+                 for fqn in ("seq.0.weight", "head.weight")}
+    expected = {fqn: mask_of(model, fqn) * original for fqn, original in originals.items()}
     sparsifier.squash_mask(params_to_keep=("foo",), params_to_keep_per_layer={"head": ("baz", "sparsity_level")})
     for fqn, weight in expected.items():
         module = model.get_submodule(fqn.rpartition(".")[0])
@@ -400,8 +403,10 @@ CROSS_CONFIG = [{"tensor_fqn": "seq.0.weight"}, {"tensor_fqn": "head.weight", "s
 @pytest.mark.parametrize("direction", ["torch.ao->sparsity_ext", "sparsity_ext->torch.ao"])
 def test_state_dicts_cross_load_with_torch_ao(direction):
     ours_model, ours, theirs_model, theirs = _weight_norm_pair(CROSS_CONFIG, sparsity_level=0.6)
-    saver, saver_model, loader, loader_model = ((theirs, theirs_model, ours, ours_model) if direction.startswith("torch")
-                                                else (ours, ours_model, theirs, theirs_model))
+    if direction.startswith("torch"):
+        saver, saver_model, loader, loader_model = theirs, theirs_model, ours, ours_model
+    else:
+        saver, saver_model, loader, loader_model = ours, ours_model, theirs, theirs_model
     saver.step()
     state_dict = saved_and_loaded(saver.state_dict())
     loader.load_state_dict(state_dict)

@@ -65,7 +65,8 @@ def test_per_layer_nearliness_and_state_dict_round_trip():
     sparsifier.step()
     assert torch.equal(model[1].parametrizations.weight[0].mask, _band(6, 6, 5))
     state_dict = sparsifier.state_dict()
-    assert state_dict["groups"] == [{"nearliness": 1, "tensor_fqn": "0.weight"}, {"nearliness": 5, "tensor_fqn": "1.weight"}]
+    assert state_dict["groups"] == [{"nearliness": 1, "tensor_fqn": "0.weight"},
+                                    {"nearliness": 5, "tensor_fqn": "1.weight"}]
     other_model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
     other = tao.NearlyDiagonalSparsifier()
     other.prepare(other_model, None)

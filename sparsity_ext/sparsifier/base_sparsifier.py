@@ -35,7 +35,9 @@ def _resolve_tensor_fqn(model: nn.Module, tensor_fqn: str) -> dict[str, Any]:
     module = info["module"]
     if not isinstance(module, nn.Module):
         raise ValueError(f"tensor_fqn {tensor_fqn!r}: the model has no submodule {info['module_fqn']!r}")
-    if not isinstance(getattr(module, info["tensor_name"], None), torch.Tensor):
+    tensor_name = info["tensor_name"]  # a parametrized tensor is not computed just to be found
+    if not (parametrize.is_parametrized(module, tensor_name)
+            or isinstance(getattr(module, tensor_name, None), torch.Tensor)):
         raise ValueError(f"tensor_fqn {tensor_fqn!r}: module {info['module_fqn']!r} "
                          f"({type_before_parametrizations(module).__name__}) has no tensor {info['tensor_name']!r}")
     return info
@@ -129,8 +131,10 @@ class BaseSparsifier(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """{"state": {tensor_fqn: {"mask": mask, ...}}, "groups": [group without KEYS_NOT_IN_STATE_DICT]}.
 
-        The masks are the live mask buffers (like nn.Module.state_dict); the dicts are fresh, so
-        editing (or loading from) the result does not change this sparsifier.
+        The masks are the live mask buffers, as in torch.ao.pruning (and nn.Module.state_dict); the dicts
+        are fresh copies, so torch.ao.pruning's load_state_dict, which pops the masks out of the dicts
+        it is given, leaves this sparsifier's state whole. (It does adopt the mask tensors themselves:
+        save and load the dict, or clone the masks, to give it independent ones.)
         """
         return {
             "state": {fqn: dict(s) for fqn, s in self.state.items()},
@@ -160,11 +164,10 @@ class BaseSparsifier(abc.ABC):
                     raise RuntimeError(f"Error loading {tensor_fqn} into the model: {exc}") from exc
         for tensor_fqn, saved in state_dict["state"].items():
             if tensor_fqn in found and saved.get("mask") is not None:
-                info = found[tensor_fqn]
-                tensor = getattr(info["module"], info["tensor_name"])
-                if saved["mask"].shape != tensor.shape:
+                shape = checked_shape(found[tensor_fqn]["module"], found[tensor_fqn]["tensor_name"], "load_state_dict")
+                if saved["mask"].shape != shape:
                     raise ValueError(f"load_state_dict: mask of {tensor_fqn!r} has shape {tuple(saved['mask'].shape)}, "
-                                     f"the tensor has shape {tuple(tensor.shape)}")
+                                     f"the tensor has shape {tuple(shape)}")
 
         state: dict[str, dict] = defaultdict(dict)
         for tensor_fqn, saved in state_dict["state"].items():

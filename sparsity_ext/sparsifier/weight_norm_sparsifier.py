@@ -51,6 +51,16 @@ def from_matrix(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return matrix.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 
+def _float_mask(keep: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`keep` as a default-dtype float mask, as torch.ao.pruning's mask helpers return it; rebound into
+    `mask` (its .data) when one is given, as they do."""
+    result = keep.to(torch.get_default_dtype())
+    if mask is None:
+        return result
+    mask.data = result
+    return mask
+
+
 class WeightNormSparsifier(BaseSparsifier):
     """Masks the blocks of each weight with the smallest mean norm (sparsity_level of them); within each
     masked block, zeros_per_block elements of smallest norm (all of them by default).
@@ -140,17 +150,9 @@ class WeightNormSparsifier(BaseSparsifier):
         """Float mask (1 keep, 0 drop) that drops the sparsity_level fraction of whole blocks of `data`
         (already a norm) with the smallest mean. Kept for subclasses that call it; update_mask does not
         use it (overriding it does not change update_mask)."""
-        result = ops.block_norm_mask(data, sparsity_level, sparse_block_shape, None, 0).to(torch.get_default_dtype())
-        if mask is None:
-            return result
-        mask.data = result
-        return mask
+        return _float_mask(ops.block_norm_mask(data, sparsity_level, sparse_block_shape, None, 0), mask)
 
     def _make_block_mask(self, data, sparse_block_shape, zeros_per_block, mask=None):
         """Float mask that drops the zeros_per_block smallest elements of every block of `data` (already a
         norm). Kept for subclasses that call it; update_mask does not use it."""
-        result = ops.block_norm_mask(data, 1.0, sparse_block_shape, zeros_per_block, 0).to(torch.get_default_dtype())
-        if mask is None:
-            return result
-        mask.data = result
-        return mask
+        return _float_mask(ops.block_norm_mask(data, 1.0, sparse_block_shape, zeros_per_block, 0), mask)

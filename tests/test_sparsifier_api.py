@@ -423,6 +423,26 @@ def test_state_dicts_cross_load_with_torch_ao(direction):
         assert torch.equal(mask_of(ours_model, fqn).bool(), mask_of(theirs_model, fqn).bool())
 
 
+def test_custom_sparsifier_state_cross_loads_with_torch_ao():
+    """A subclass's own state entries (here step_count) travel with the masks, both ways."""
+    for saver_base, loader_base in ((tao.BaseSparsifier, sparsity_ext.BaseSparsifier),
+                                    (sparsity_ext.BaseSparsifier, tao.BaseSparsifier)):
+        saver_model, loader_model = Nested(), Nested(seed=1)
+        saver, loader = first_row_sparsifier(saver_base)(level=1), first_row_sparsifier(loader_base)()
+        saver.prepare(saver_model, [{"tensor_fqn": "head.weight"}, {"tensor_fqn": "seq.2.weight", "level": 2}])
+        # both tensors prepared: torch.ao.pruning cannot load a mask for a tensor that has no parametrization
+        loader.prepare(loader_model, [{"tensor_fqn": "seq.2.weight"}, {"tensor_fqn": "head.weight"}])
+        for _ in range(2):
+            saver.step()
+        loader.load_state_dict(saved_and_loaded(saver.state_dict()))
+        assert [g["level"] for g in loader.groups] == [1, 2]
+        for fqn in ("head.weight", "seq.2.weight"):
+            assert loader.state[fqn]["step_count"] == 2
+            assert torch.equal(mask_of(loader_model, fqn), mask_of(saver_model, fqn))
+        loader.step()
+        assert loader.state["seq.2.weight"]["step_count"] == 3
+
+
 def test_state_dict_layout_equals_torch_ao():
     ours_model, ours, theirs_model, theirs = _weight_norm_pair(CROSS_CONFIG, sparsity_level=0.6)
     ours.step()

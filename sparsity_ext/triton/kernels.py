@@ -3,12 +3,17 @@
 Importing this module imports triton and decorates the kernels: triton decides at decoration time
 whether they run compiled (GPU) or in its interpreter (TRITON_INTERPRET=1, CPU tensors).
 
+The kernels call only triton builtins and the @triton.jit helpers below (no tl.sum, tl.cumsum, tl.zeros,
+tl.cdiv: triton's standard library decorates those when triton itself is imported), so
+TRITON_INTERPRET=1 works whenever it is set before this module is imported.
+
 Index arithmetic is int64 wherever it addresses the data, so tensors past 2**31 elements work.
 2-D tiles are launched on a 1-D grid (program id -> (tile row, tile column) by one scalar division)
 because a grid's second axis is limited to 65535 programs.
 """
 import triton
 import triton.language as tl
+from triton.language.standard import _sum_combine
 from triton.runtime.interpreter import InterpretedFunction
 
 # Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
@@ -21,6 +26,13 @@ SELECT_NONE, SELECT_ALL, SELECT_BY_KEY = 0, 1, 2
 
 
 # ------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    """tl.sum of x along axis (x int32/int64), as tl.reduce with triton's own add combiner, which the
+    interpreter recognises and runs with numpy (a combiner of ours would run element by element)."""
+    return tl.reduce(x, axis, _sum_combine)
+
+
 @triton.jit
 def _element_norm(x, NORM: tl.constexpr):
     """n(x) in fp32: NORM 0 -> x, 1 -> |x|, 2 -> x*x (one IEEE multiply)."""
@@ -57,7 +69,7 @@ def _add_histogram(hist_ptr, digit, counted, NBINS: tl.constexpr):
     """
     local = tl.histogram(tl.where(counted, digit, 0), NBINS)
     bins = tl.arange(0, NBINS)
-    local = local - tl.where(bins == 0, tl.sum((~counted).to(tl.int32), 0), 0)
+    local = local - tl.where(bins == 0, _sum((~counted).to(tl.int32), 0), 0)
     tl.atomic_add(hist_ptr + bins, local.to(tl.int64), mask=local > 0, sem="relaxed")
 
 
@@ -65,7 +77,7 @@ def _add_histogram(hist_ptr, digit, counted, NBINS: tl.constexpr):
 def _tile_2d(num_cols, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
     """(rows [TILE_R, 1], cols [1, TILE_C]) int64 indices of this program's tile (row-major tile order)."""
     pid = tl.program_id(0)
-    n_col_tiles = tl.cdiv(num_cols, TILE_C)
+    n_col_tiles = (num_cols + TILE_C - 1) // TILE_C
     tile_r = pid // n_col_tiles
     tile_c = pid - tile_r * n_col_tiles
     rows = tile_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
@@ -94,7 +106,7 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
     in_range = (bi < nbh) & (bj < nbw)
     row0 = bi * BH
     col0 = bj * BW
-    acc = tl.zeros([TILE_R, TILE_C], dtype=tl.float32)
+    acc = tl.full([TILE_R, TILE_C], 0, dtype=tl.float32)
     for r in range(BH):
         for c in range(BW):
             valid = in_range & (row0 + r < H) & (col0 + c < W)
@@ -139,8 +151,8 @@ def _radix_pick_kernel(hist_ptr, prefix_ptr, remaining_ptr, DIGIT_SHIFT: tl.cons
     bins = tl.arange(0, NBINS)
     hist = tl.load(hist_ptr + bins)
     remaining = tl.load(remaining_ptr)
-    digit = tl.sum((tl.cumsum(hist, 0) < remaining).to(tl.int32), 0)
-    below = tl.sum(tl.where(bins < digit, hist, 0), 0)
+    digit = _sum((tl.associative_scan(hist, 0, _sum_combine) < remaining).to(tl.int32), 0)
+    below = _sum(tl.where(bins < digit, hist, 0), 0)
     prefix = tl.load(prefix_ptr).to(tl.uint32, bitcast=True) | (digit.to(tl.uint32) << DIGIT_SHIFT)
     tl.store(prefix_ptr, prefix.to(tl.int32, bitcast=True))
     tl.store(remaining_ptr, remaining - below)
@@ -166,13 +178,13 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
     programs may still be reading the block's values to rank them).
     The tile is TILE_R rows x TILE_BYTES * 8 columns, held as [TILE_R, TILE_BYTES, 8].
     """
-    tile_rows, byte_cols = _tile_2d(tl.cdiv(W, 8), TILE_R, TILE_BYTES)
+    tile_rows, byte_cols = _tile_2d((W + 7) // 8, TILE_R, TILE_BYTES)
     rows = tile_rows[:, :, None]
     bits = tl.arange(0, 8)[None, None, :]
     cols = byte_cols[:, :, None] * 8 + bits
     in_range = (rows < H) & (cols < W)
     if SELECT == 0:
-        zeroed = tl.zeros([TILE_R, TILE_BYTES, 8], dtype=tl.int1)
+        zeroed = tl.full([TILE_R, TILE_BYTES, 8], 0, dtype=tl.int1)
     elif SELECT == 1:
         zeroed = in_range
     else:
@@ -186,7 +198,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
         row0 = (rows // BH) * BH
         col0 = (cols // BW) * BW
         own = (rows - row0) * BW + (cols - col0)
-        rank = tl.zeros([TILE_R, TILE_BYTES, 8], dtype=tl.int32)
+        rank = tl.full([TILE_R, TILE_BYTES, 8], 0, dtype=tl.int32)
         for r in range(BH):
             for c in range(BW):
                 valid = zeroed & (row0 + r < H) & (col0 + c < W)
@@ -198,11 +210,11 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
         zeroed = zeroed & (rank < zeros_per_block)
     if APPLY:
         x_ty = x_ptr.dtype.element_ty
-        tl.store(x_ptr + rows * stride_h + cols * stride_w, tl.zeros([TILE_R, TILE_BYTES, 8], dtype=x_ty),
+        tl.store(x_ptr + rows * stride_h + cols * stride_w, tl.full([TILE_R, TILE_BYTES, 8], 0, dtype=x_ty),
                  mask=zeroed)
     keep = (in_range & ~zeroed).to(tl.int32)
     if PACKED:
-        byte = tl.sum(keep << bits, 2).to(tl.uint8)
+        byte = _sum(keep << bits, 2).to(tl.uint8)
         tl.store(out_ptr + tile_rows * (W // 8) + byte_cols, byte, mask=(tile_rows < H) & (byte_cols * 8 < W))
     else:
         tl.store(out_ptr + rows * W + cols, keep.to(tl.uint8), mask=in_range)
@@ -224,7 +236,7 @@ def _apply_mask_kernel(x_ptr, mask_ptr, H, W, stride_h, stride_w,
     else:
         keep = tl.load(mask_ptr + flat, mask=in_range, other=0).to(tl.int32)
     x_ty = x_ptr.dtype.element_ty
-    tl.store(x_ptr + rows * stride_h + cols * stride_w, tl.zeros([TILE_R, TILE_C], dtype=x_ty),
+    tl.store(x_ptr + rows * stride_h + cols * stride_w, tl.full([TILE_R, TILE_C], 0, dtype=x_ty),
              mask=in_range & (keep == 0))
 
 
@@ -235,7 +247,7 @@ def _pack_mask_kernel(mask_ptr, out_ptr, numel, num_bytes, BLOCK_BYTES: tl.const
     bits = tl.arange(0, 8)
     flat = byte[:, None] * 8 + bits[None, :]
     keep = tl.load(mask_ptr + flat, mask=flat < numel, other=0).to(tl.int32)
-    tl.store(out_ptr + byte, tl.sum((keep != 0).to(tl.int32) << bits[None, :], 1).to(tl.uint8), mask=byte < num_bytes)
+    tl.store(out_ptr + byte, _sum((keep != 0).to(tl.int32) << bits[None, :], 1).to(tl.uint8), mask=byte < num_bytes)
 
 
 @triton.jit

@@ -141,6 +141,17 @@ def test_block_norm_mask_needs_every_radix_digit():
         assert_block_mask_matches(data, level, (1, 1), 1, 0, packed=True)
 
 
+@pytest.mark.parametrize("shape", [(4, 10), (50, 60)])  # one and two chunks of the tie-rank passes
+def test_block_norm_mask_splits_ties_by_lower_index(shape):
+    # Values 0..3 on (1, 1) blocks: every k falls inside a run of equal scores, or on its edge.
+    data = (torch.arange(shape[0] * shape[1]) * 7919 % 4).reshape(shape).to(torch.float32).to(DEVICE)
+    n = data.numel()
+    zeros_count = int((data == 0).sum())
+    for k in (1, zeros_count // 2, zeros_count, zeros_count + 1, n - 1):
+        assert_block_mask_matches(data, k / n, (1, 1), 1, 1)
+    assert_block_mask_matches(data, 0.5, (1, 2), 1, 1, packed=True)
+
+
 @pytest.mark.parametrize("view", ["transposed", "strided_columns", "one_dim", "one_dim_strided"])
 def test_block_norm_mask_non_contiguous(view):
     base = randn((12, 14), seed=5)

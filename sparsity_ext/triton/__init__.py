@@ -17,7 +17,9 @@ Reading the kernels (kernels.py; each kernel's docstring states its math):
                                           the keys that still match the chosen prefix; the k-th
                                           smallest key T and the count of T-ties to take stay on the
                                           device (no host sync)
-                  + torch.cumsum(keys == T) tie rank of the equal-key blocks (lower index first)
+                  + _tie_count_kernel / _tie_rank_kernel  only when the k smallest take part of the
+                                          blocks whose key equals T: their rank in index order
+                                          (lower index first); otherwise these passes read nothing
                   + _block_norm_mask_kernel  one pass writing the bool or packed mask, ranking the
                                           elements of selected blocks when zeros_per_block < block
                                           size, zeroing x in the same pass for block_norm_mask_apply_

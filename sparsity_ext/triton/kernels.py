@@ -138,28 +138,61 @@ def _radix_histogram_kernel(keys_ptr, prefix_ptr, hist_ptr, num_keys, PREFIX_SHI
 
 
 @triton.jit
-def _radix_pick_kernel(hist_ptr, prefix_ptr, remaining_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
+def _radix_pick_kernel(hist_ptr, prefix_ptr, state_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
     """Choose the digit of the remaining-th smallest candidate (one program).
 
-    With cum(d) = sum_{e <= d} hist[e] and m = remaining (1-based rank among the candidates):
+    state = [remaining, ties]. With cum(d) = sum_{e <= d} hist[e] and m = remaining (1-based rank
+    among the candidates):
         d* = #{d : cum(d) < m}          (the first digit whose cumulative count reaches m)
         prefix    |= d* << DIGIT_SHIFT
         remaining -= cum(d* - 1)        (rank among the candidates that also share digit d*)
-    After the last digit, prefix is the k-th smallest key T and remaining the number of keys equal
-    to T that are selected (the lowest-indexed ones).
+        ties       = hist[d*]           (how many candidates share digit d*)
+    After the last digit, prefix is the k-th smallest key T, ties = #{b : key[b] == T}, and the
+    k smallest keys are those < T plus the first `remaining` (lowest-indexed) keys equal to T.
     """
     bins = tl.arange(0, NBINS)
     hist = tl.load(hist_ptr + bins)
-    remaining = tl.load(remaining_ptr)
+    remaining = tl.load(state_ptr)
     digit = _sum((tl.associative_scan(hist, 0, _sum_combine) < remaining).to(tl.int32), 0)
     below = _sum(tl.where(bins < digit, hist, 0), 0)
     prefix = tl.load(prefix_ptr).to(tl.uint32, bitcast=True) | (digit.to(tl.uint32) << DIGIT_SHIFT)
     tl.store(prefix_ptr, prefix.to(tl.int32, bitcast=True))
-    tl.store(remaining_ptr, remaining - below)
+    tl.store(state_ptr, remaining - below)
+    tl.store(state_ptr + 1, _sum(tl.where(bins == digit, hist, 0), 0))
 
 
 @triton.jit
-def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_ptr, remaining_ptr,
+def _tie_count_kernel(keys_ptr, threshold_ptr, state_ptr, chunk_counts_ptr, num_keys, BLOCK: tl.constexpr):
+    """chunk_counts[p] = #{b in [p * BLOCK, (p + 1) * BLOCK) : keys[b] == T}.
+
+    Only needed when the k smallest take some but not all keys equal to T (state: remaining <
+    ties); otherwise the loads are masked off and the pass costs no memory traffic.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # All keys when T's ties split, none otherwise.
+    active = offs < tl.where(tl.load(state_ptr) < tl.load(state_ptr + 1), num_keys, 0)
+    equal = active & (tl.load(keys_ptr + offs, mask=active, other=0) == tl.load(threshold_ptr))
+    tl.store(chunk_counts_ptr + pid, _sum(equal.to(tl.int32), 0))
+
+
+@triton.jit
+def _tie_rank_kernel(keys_ptr, threshold_ptr, state_ptr, chunk_offsets_ptr, tie_rank_ptr, num_keys,
+                     BLOCK: tl.constexpr):
+    """tie_rank[b] = #{b' <= b : keys[b'] == T} for every b with keys[b] == T (other entries untouched);
+    chunk_offsets[p] = #{b < p * BLOCK : keys[b] == T}. Like _tie_count_kernel, only when T's ties split.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # All keys when T's ties split, none otherwise.
+    active = offs < tl.where(tl.load(state_ptr) < tl.load(state_ptr + 1), num_keys, 0)
+    equal = active & (tl.load(keys_ptr + offs, mask=active, other=0) == tl.load(threshold_ptr))
+    rank = tl.associative_scan(equal.to(tl.int32), 0, _sum_combine) + tl.load(chunk_offsets_ptr + pid)
+    tl.store(tie_rank_ptr + offs, rank.to(tie_rank_ptr.dtype.element_ty), mask=equal)
+
+
+@triton.jit
+def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_ptr, state_ptr,
                             H, W, stride_h, stride_w, nbw, zeros_per_block, tune_key,
                             BH: tl.constexpr, BW: tl.constexpr, NORM: tl.constexpr, SELECT: tl.constexpr,
                             RANKED: tl.constexpr, PACKED: tl.constexpr, APPLY: tl.constexpr,
@@ -167,8 +200,9 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
     """Mask write: keep[r, c] for the element (r, c) of block b = (r // BH) * nbw + c // BW.
 
         selected(b) = SELECT_NONE: false;  SELECT_ALL: true;
-                      SELECT_BY_KEY: key[b] < T  or  (key[b] == T and tie_rank[b] <= remaining)
-                      (T, remaining from the radix select; tie_rank[b] = #{b' <= b : key[b'] == T})
+                      SELECT_BY_KEY: key[b] < T  or  (key[b] == T and (remaining == ties
+                                     or tie_rank[b] <= remaining))
+                      (T, state = [remaining, ties] from the radix select, tie_rank from _tie_rank_kernel)
         rank(r, c)  = #{valid (r', c') in block b : n(x[r', c']) < n(x[r, c]), or equal (NaN equal
                       to NaN, NaN above all) and (r', c') before (r, c) in row-major order}
         keep[r, c]  = not (selected(b) and (not RANKED or rank(r, c) < zeros_per_block))
@@ -191,8 +225,11 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
         block = (rows // BH) * nbw + cols // BW
         key = tl.load(keys_ptr + block, mask=in_range, other=0).to(tl.uint32, bitcast=True)
         threshold = tl.load(threshold_ptr).to(tl.uint32, bitcast=True)
-        tie_rank = tl.load(tie_rank_ptr + block, mask=in_range & (key == threshold), other=0)
-        zeroed = in_range & ((key < threshold) | ((key == threshold) & (tie_rank <= tl.load(remaining_ptr))))
+        # remaining broadcast to the tile first (the interpreter mishandles scalar bool & tensor).
+        remaining = tl.full([TILE_R, TILE_BYTES, 8], 0, dtype=tl.int64) + tl.load(state_ptr)
+        split = remaining < tl.load(state_ptr + 1)
+        tie_rank = tl.load(tie_rank_ptr + block, mask=in_range & (key == threshold) & split, other=0)
+        zeroed = in_range & ((key < threshold) | ((key == threshold) & (~split | (tie_rank <= remaining))))
     if RANKED:
         v = _element_norm(tl.load(x_ptr + rows * stride_h + cols * stride_w, mask=zeroed, other=0.0), NORM)
         row0 = (rows // BH) * BH

@@ -74,20 +74,33 @@ def _score_keys(x: torch.Tensor, block_shape: tuple[int, int], norm: int):
 
 
 def _radix_select(keys: torch.Tensor, hist: torch.Tensor, k: int):
-    """The k-th smallest key T (1-based, as int32 bits) and how many keys equal to T are among the k
-    smallest, both as 1-element device tensors; no host synchronisation. hist[0] must already hold
-    the first digit's histogram."""
+    """(T, state): the k-th smallest key T (1-based, int32 bits) and state = [remaining, ties] (see
+    kernels._radix_pick_kernel), as device tensors; no host synchronisation. hist[0] must already
+    hold the first digit's histogram."""
     prefix = torch.zeros(1, dtype=torch.int32, device=keys.device)
-    remaining = torch.full((1,), k, dtype=torch.int64, device=keys.device)
+    state = torch.tensor([k, 0], dtype=torch.int64, device=keys.device)
     prefix_shift = 32
     for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
         if digit > 0:
             kernels._radix_histogram_kernel[(triton.cdiv(keys.numel(), _RADIX_BLOCK),)](
                 keys, prefix, hist[digit], keys.numel(), PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift,
                 NBINS=1 << bits, BLOCK=_RADIX_BLOCK)
-        kernels._radix_pick_kernel[(1,)](hist[digit], prefix, remaining, DIGIT_SHIFT=shift, NBINS=1 << bits)
+        kernels._radix_pick_kernel[(1,)](hist[digit], prefix, state, DIGIT_SHIFT=shift, NBINS=1 << bits)
         prefix_shift = shift
-    return prefix, remaining
+    return prefix, state
+
+
+def _tie_ranks(keys: torch.Tensor, threshold: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """tie_rank[b] = #{b' <= b : keys[b'] == T} where keys[b] == T, computed only when the selection
+    takes part of T's ties (else the two passes read nothing); other entries are left unset."""
+    num_keys = keys.numel()
+    chunks = triton.cdiv(num_keys, _RADIX_BLOCK)
+    tie_rank = torch.empty(num_keys, dtype=torch.int32 if num_keys < 2 ** 31 else torch.int64, device=keys.device)
+    chunk_counts = torch.empty(chunks, dtype=torch.int32, device=keys.device)
+    kernels._tie_count_kernel[(chunks,)](keys, threshold, state, chunk_counts, num_keys, BLOCK=_RADIX_BLOCK)
+    chunk_offsets = (torch.cumsum(chunk_counts, 0) - chunk_counts).to(tie_rank.dtype)
+    kernels._tie_rank_kernel[(chunks,)](keys, threshold, state, chunk_offsets, tie_rank, num_keys, BLOCK=_RADIX_BLOCK)
+    return tie_rank
 
 
 # --------------------------------------------------------------------------------- mask write
@@ -95,10 +108,10 @@ def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, p
     """One launch of kernels.block_norm_mask writing `out` (bool (h, w) or packed bytes) for x (h, w)."""
     h, w = x.shape
     bh, bw = block_shape
-    keys, tie_rank, threshold, remaining = selection if selection is not None else (x, x, x, x)
+    keys, tie_rank, threshold, state = selection if selection is not None else (x, x, x, x)
     launch(kernels.block_norm_mask)[
         lambda meta: (triton.cdiv(h, meta["TILE_R"]) * triton.cdiv(triton.cdiv(w, 8), meta["TILE_BYTES"]),)](
-        x, out.view(torch.uint8), keys, tie_rank, threshold, remaining, h, w, x.stride(0), x.stride(1),
+        x, out.view(torch.uint8), keys, tie_rank, threshold, state, h, w, x.stride(0), x.stride(1),
         triton.cdiv(w, bw), zeros_per_block, _tune_key(h, w), BH=bh, BW=bw, NORM=norm, SELECT=select,
         RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **kernels.MASK_INTERPRETER_META)
 
@@ -120,10 +133,8 @@ def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, p
     else:
         select = kernels.SELECT_BY_KEY
         keys, hist = _score_keys(data, block_shape, norm)
-        threshold, remaining = _radix_select(keys, hist, k)
-        # Rank of each block among the blocks whose key equals T, in index order (ties: lower index first).
-        tie_dtype = torch.int32 if num_blocks < 2 ** 31 else torch.int64
-        selection = (keys, torch.cumsum(keys == threshold, 0, dtype=tie_dtype), threshold, remaining)
+        threshold, state = _radix_select(keys, hist, k)
+        selection = (keys, _tie_ranks(keys, threshold, state), threshold, state)
     ranked = zeros_per_block < bh * bw
     # Packed bytes are written directly when no byte straddles two rows; else a bool mask is packed after.
     target = out if not packed or w % 8 == 0 else torch.empty((h, w), dtype=torch.bool, device=data.device)
@@ -170,12 +181,12 @@ def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     _check_device(values, "select_threshold")
     row = values.view(1, -1)
     keys, hist = _score_keys(row, (1, 1), 0)
-    threshold, remaining = _radix_select(keys, hist, k)
+    threshold, state = _radix_select(keys, hist, k)
     # Invert kernels._score_key (0xFFFFFFFF becomes the NaN 0x7FFFFFFF).
     key = threshold.to(torch.int64) & 0xFFFFFFFF
     bits = torch.where(key >= 2 ** 31, key - 2 ** 31, 0xFFFFFFFF - key)
     bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
-    return bits.view(torch.float32).to(values.dtype).reshape(()), remaining.reshape(())
+    return bits.view(torch.float32).to(values.dtype).reshape(()), state[0].clone()
 
 
 @select_threshold.register_fake

@@ -13,10 +13,11 @@ Reading the kernels (kernels.py; each kernel's docstring states its math):
   block_norm_mask = _block_scores_kernel  one pass over x: fp32 block sums in row-major order, one
                                           int32 "score key" per block (unsigned order = float order,
                                           NaN largest), plus the histogram of the keys' top 11 bits
-                  + _radix_histogram_kernel / _radix_pick_kernel  two more 11/10-bit digit passes over
-                                          the keys that still match the chosen prefix; the k-th
-                                          smallest key T and the count of T-ties to take stay on the
-                                          device (no host sync)
+                  + _radix_histogram_kernel / _radix_pick_kernel  two more 11/10-bit digit passes:
+                                          the first reads every key and appends those matching the
+                                          chosen top digit to a buffer, the last reads only that
+                                          buffer; the k-th smallest key T and the count of T-ties
+                                          to take stay on the device (no host sync)
                   + _tie_count_kernel / _tie_rank_kernel  only when the k smallest take part of the
                                           blocks whose key equals T: their rank in index order
                                           (lower index first); otherwise these passes read nothing

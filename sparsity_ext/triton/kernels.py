@@ -120,21 +120,31 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
 
 
 @triton.jit
-def _radix_histogram_kernel(keys_ptr, prefix_ptr, hist_ptr, num_keys, PREFIX_SHIFT: tl.constexpr,
-                            DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+def _radix_histogram_kernel(src_ptr, count_ptr, prefix_ptr, hist_ptr, dst_ptr, dst_count_ptr,
+                            PREFIX_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr,
+                            COMPACT: tl.constexpr, BLOCK: tl.constexpr):
     """Histogram of one radix digit over the keys that still are candidates.
 
-    With p = prefix (the digits above this one, already chosen; lower bits 0):
-        hist[d] += #{b : keys[b] >> PREFIX_SHIFT == p >> PREFIX_SHIFT  and
-                         (keys[b] >> DIGIT_SHIFT) & (NBINS - 1) == d}
+    src[0 : count] holds the keys to look at (count is read from count_ptr, on the device). With
+    p = prefix (the digits above this one, already chosen; lower bits 0), the candidates are
+        C = {i < count : src[i] >> PREFIX_SHIFT == p >> PREFIX_SHIFT}
+        hist[d] += #{i in C : (src[i] >> DIGIT_SHIFT) & (NBINS - 1) == d}
+    With COMPACT, the keys of C are also appended to dst (in no particular order; dst_count counts
+    them), so that the next digit's pass reads only them instead of every key.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < num_keys
-    key = tl.load(keys_ptr + offs, mask=in_range, other=0).to(tl.uint32, bitcast=True)
+    in_range = offs < tl.load(count_ptr)
+    key = tl.load(src_ptr + offs, mask=in_range, other=0).to(tl.uint32, bitcast=True)
     prefix = tl.load(prefix_ptr).to(tl.uint32, bitcast=True)
     candidate = in_range & ((key >> PREFIX_SHIFT) == (prefix >> PREFIX_SHIFT))
     digit = ((key >> DIGIT_SHIFT) & (NBINS - 1)).to(tl.int32)
     _add_histogram(hist_ptr, digit, candidate, NBINS)
+    if COMPACT:
+        flag = candidate.to(tl.int32)
+        found = _sum(flag, 0)
+        start = tl.atomic_add(dst_count_ptr, found.to(dst_count_ptr.dtype.element_ty), mask=found > 0, sem="relaxed")
+        slot = start + tl.associative_scan(flag, 0, _sum_combine) - flag
+        tl.store(dst_ptr + slot, key.to(tl.int32, bitcast=True), mask=candidate)
 
 
 @triton.jit

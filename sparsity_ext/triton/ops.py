@@ -77,14 +77,21 @@ def _radix_select(keys: torch.Tensor, hist: torch.Tensor, k: int):
     """(T, state): the k-th smallest key T (1-based, int32 bits) and state = [remaining, ties] (see
     kernels._radix_pick_kernel), as device tensors; no host synchronisation. hist[0] must already
     hold the first digit's histogram."""
-    prefix = torch.zeros(1, dtype=torch.int32, device=keys.device)
-    state = torch.tensor([k, 0], dtype=torch.int64, device=keys.device)
+    device = keys.device
+    prefix = torch.zeros(1, dtype=torch.int32, device=device)
+    state = torch.tensor([k, 0], dtype=torch.int64, device=device)
+    # Each histogram pass reads src[0 : count] and appends its candidates to the next pass's source.
+    src, count = keys, torch.full((1,), keys.numel(), dtype=torch.int64, device=device)
     prefix_shift = 32
     for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
         if digit > 0:
+            compact = digit + 1 < len(kernels.RADIX_DIGITS)
+            dst = torch.empty_like(keys) if compact else src
+            dst_count = torch.zeros(1, dtype=torch.int64, device=device) if compact else count
             kernels._radix_histogram_kernel[(triton.cdiv(keys.numel(), _RADIX_BLOCK),)](
-                keys, prefix, hist[digit], keys.numel(), PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift,
-                NBINS=1 << bits, BLOCK=_RADIX_BLOCK)
+                src, count, prefix, hist[digit], dst, dst_count, PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift,
+                NBINS=1 << bits, COMPACT=compact, BLOCK=_RADIX_BLOCK)
+            src, count = dst, dst_count
         kernels._radix_pick_kernel[(1,)](hist[digit], prefix, state, DIGIT_SHIFT=shift, NBINS=1 << bits)
         prefix_shift = shift
     return prefix, state

@@ -30,14 +30,20 @@ def _triton_on_this_machine():
     if not HAS_CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     triton_backend.register()
-    from sparsity_ext.triton import kernels
-    assert HAS_CUDA or kernels.INTERPRETED, "sparsity_ext.triton.kernels was imported before TRITON_INTERPRET=1"
+    assert HAS_CUDA or triton_modules()[0].INTERPRETED, \
+        "sparsity_ext.triton.kernels was imported before TRITON_INTERPRET=1 was set"
     yield
     if saved is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = saved
     triton_backend.register()
+
+
+def triton_modules():
+    """(sparsity_ext.triton.kernels, sparsity_ext.triton.ops), imported only once the fixture set the mode."""
+    from sparsity_ext.triton import kernels, ops as triton_ops
+    return kernels, triton_ops
 
 
 def on_triton(fn, *args, **kwargs):
@@ -72,19 +78,18 @@ def reference_keys(data, block, norm):
 def test_block_scores_are_bit_exact(block, norm):
     # Wide-range fp32 data: any change of summation order, FMA contraction or inexact division shows.
     data = randn((11, 23), seed=1) * torch.exp(randn((11, 23), seed=2) * 3)
-    from sparsity_ext.triton import ops as triton_ops
+    kernels, triton_ops = triton_modules()
     keys, hist = triton_ops._score_keys(data, block, norm)
     want = reference_keys(data, block, norm)
     assert torch.equal(keys.to(torch.int64) & 0xFFFFFFFF, want.to(keys.device))
-    shift, bits = triton_backend.kernels.RADIX_DIGITS[0]
+    shift, bits = kernels.RADIX_DIGITS[0]
     assert torch.equal(hist[0].cpu(), torch.bincount((want >> shift).cpu(), minlength=1 << bits))
 
 
 def test_score_keys_order_like_floats_with_nan_last():
     values = torch.tensor([1.0, -1.0, 0.0, -0.0, float("nan"), float("inf"), -float("inf"), 2.5, -2.5, 1e-40,
                            -1e-40, -float("nan")], device=DEVICE)
-    from sparsity_ext.triton import ops as triton_ops
-    keys, _ = triton_ops._score_keys(values.view(1, -1), (1, 1), 0)
+    keys, _ = triton_modules()[1]._score_keys(values.view(1, -1), (1, 1), 0)
     keys = (keys.to(torch.int64) & 0xFFFFFFFF).cpu()
     order = torch.sort(values.cpu(), stable=True).indices
     assert bool((keys[order][1:] >= keys[order][:-1]).all())
@@ -323,24 +328,62 @@ def test_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.sparsity_ext_triton, op).default, args(), test_utils=checks)
 
 
-@cuda_only
-def test_compile_fullgraph_on_gpu():
-    data = randn((64, 96), seed=16)
+def test_bad_input_raises_before_any_kernel():
+    data = randn((4, 8))
+    before = data.clone()
+    with sparsity_ext.use_backend("triton"):
+        with pytest.raises(ValueError, match="mask shape"):
+            ops.apply_mask_(data, torch.zeros(4, 7, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(ValueError, match="zeros_per_block"):
+            ops.block_norm_mask_apply_(data, 0.5, (1, 4), 5)
+        with pytest.raises(RuntimeError, match="dtype"):
+            ops.block_norm_mask_apply_(data.double(), 0.5, (1, 4))
+    assert torch.equal(data, before)
+
+
+def test_compile_fullgraph_opaque_ops():
+    # block_norm_mask(_apply_) and select_threshold are opaque to torch.compile (they run their own launches).
+    data = randn((6, 12), seed=19)
 
     def masks(x):
-        return (torch.ops.sparsity_ext_triton.block_norm_mask(x, 0.5, [1, 4], 4, 2, False),
-                torch.ops.sparsity_ext_triton.nm_mask(x, 2, 4))
+        values = x.flatten()
+        return (torch.ops.sparsity_ext_triton.block_norm_mask(x, 0.5, [2, 3], 6, 2, True),
+                torch.ops.sparsity_ext_triton.select_threshold(values, 5))
 
-    compiled = torch.compile(masks, fullgraph=True)
-    got = compiled(data)
-    assert torch.equal(got[0], reference.block_norm_mask(data, 0.5, (1, 4), 4, 2))
-    assert torch.equal(got[1], reference.nm_mask(data, 2, 4))
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    got_mask, (got_value, got_rank) = torch.compile(masks, fullgraph=True, backend=backend)(data)
+    assert torch.equal(got_mask, reference.block_norm_mask(data, 0.5, (2, 3), 6, 2, packed=True))
+    want_value, want_rank = reference.select_threshold(data.flatten(), 5)
+    assert torch.equal(got_value, want_value) and torch.equal(got_rank, want_rank)
+
+
+@cuda_only
+def test_compile_fullgraph_triton_ops_on_gpu():
+    # nm_mask, pack/unpack and apply_mask_ are triton_ops: inductor sees and launches their kernels.
+    data = randn((64, 96), seed=16)
+    lib = torch.ops.sparsity_ext_triton
+
+    def pipeline(x):
+        keep = lib.nm_mask(x, 2, 4)
+        packed = lib.pack_mask(keep)
+        y = x.clone()
+        lib.apply_mask_(y, packed)
+        return keep, packed, lib.unpack_mask(packed, [64, 96]), y
+
+    keep, packed, unpacked, pruned = torch.compile(pipeline, fullgraph=True)(data)
+    want = reference.nm_mask(data, 2, 4)
+    assert torch.equal(keep, want) and torch.equal(unpacked, want)
+    assert torch.equal(packed, reference.pack_mask(want))
+    assert torch.equal(pruned, data * want)
 
 
 @cuda_only
 def test_gpu_larger_shapes_bit_exact():
     # Real launch configs (autotuned), several thousand blocks, fp32 data where FMA contraction would show.
     data = randn((513, 1030), seed=17) * torch.exp(randn((513, 1030), seed=18) * 2)
+    for block in ((1, 4), (3, 5), (8, 1)):
+        keys, _ = triton_modules()[1]._score_keys(data, block, 2)
+        assert torch.equal(keys.to(torch.int64) & 0xFFFFFFFF, reference_keys(data, block, 2))
     for block, zeros in (((1, 4), 4), ((1, 4), 2), ((4, 4), 16), ((3, 5), 7)):
         for level in (0.3, 0.5, 0.9):
             for packed in (False, True):

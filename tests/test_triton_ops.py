@@ -25,14 +25,18 @@ pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason="trito
 
 @pytest.fixture(autouse=True, scope="module")
 def _triton_on_this_machine():
-    """Interpret the kernels when there is no GPU, for this module only (the registry follows)."""
+    """Interpret the kernels when there is no GPU, for this module only (the registry follows).
+    On a GPU, launch the default configs (autotuning every shape of this module would compile
+    hundreds of variants); test_gpu_autotuned_bit_exact turns autotuning back on."""
     saved = os.environ.get("TRITON_INTERPRET")
     if not HAS_CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     triton_backend.register()
-    assert HAS_CUDA or triton_modules()[0].INTERPRETED, \
-        "sparsity_ext.triton.kernels was imported before TRITON_INTERPRET=1 was set"
+    kernels = triton_modules()[0]
+    assert HAS_CUDA or kernels.INTERPRETED, "sparsity_ext.triton.kernels was imported before TRITON_INTERPRET=1 was set"
+    autotune, kernels.AUTOTUNE = kernels.AUTOTUNE, False
     yield
+    kernels.AUTOTUNE = autotune
     if saved is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
@@ -378,8 +382,9 @@ def test_compile_fullgraph_triton_ops_on_gpu():
 
 
 @cuda_only
-def test_gpu_larger_shapes_bit_exact():
-    # Real launch configs (autotuned), several thousand blocks, fp32 data where FMA contraction would show.
+def test_gpu_autotuned_bit_exact(monkeypatch):
+    # Autotuned launch configs, several thousand blocks, fp32 data where FMA contraction would show.
+    monkeypatch.setattr(triton_modules()[0], "AUTOTUNE", True)
     data = randn((513, 1030), seed=17) * torch.exp(randn((513, 1030), seed=18) * 2)
     for block in ((1, 4), (3, 5), (8, 1)):
         keys, _ = triton_modules()[1]._score_keys(data, block, 2)

@@ -27,10 +27,11 @@ Reading the kernels (kernels.py; each kernel's docstring states its math):
                                           when whole blocks go (else a second _apply_mask_kernel pass).
   nm_mask is _block_norm_mask_kernel alone (every (1, m) block selected, m - n zeros, |x|).
 Tuning: _block_scores_kernel and _block_norm_mask_kernel are autotuned over the tile shapes in
-kernels._scores_configs / kernels._mask_configs, keyed by (bit lengths of the shape, dtype, block
+kernels.SCORES_CONFIGS / kernels.MASK_CONFIGS, keyed by (bit lengths of the shape, dtype, block
 shape, mode), so each bucket is tuned once per process; TRITON_PRINT_AUTOTUNING=1 prints the choice.
-Add configs there for unusual shapes (very wide rows, tall blocks). The interpreter runs one fixed
-config (kernels.*_INTERPRETER_META). The radix passes use fixed 2048-key programs.
+Add configs there for unusual shapes (very wide rows, tall blocks). SPARSITY_EXT_TRITON_AUTOTUNE=0
+(or kernels.AUTOTUNE = False) launches kernels.SCORES_DEFAULT / MASK_DEFAULT instead, as the
+interpreter always does. The radix and tie passes use fixed 2048-key programs (ops._RADIX_BLOCK).
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ Index arithmetic is int64 wherever it addresses the data, so tensors past 2**31 
 2-D tiles are launched on a 1-D grid (program id -> (tile row, tile column) by one scalar division)
 because a grid's second axis is limited to 65535 programs.
 """
+import os
+
 import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
@@ -311,28 +313,34 @@ INTERPRETED = isinstance(_block_scores_kernel, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------------- autotuning
-# The two passes that touch every element are autotuned (on the GPU only: the interpreter runs one
-# config). Their `tune_key` argument is a bucket of the shape (see ops._tune_key), so a config found
-# for one shape serves every shape of the same bucket, dtype and block shape.
-def _scores_configs():
-    return [triton.Config({"TILE_R": r, "TILE_C": c}, num_warps=w)
-            for r, c, w in ((1, 256, 4), (1, 1024, 8), (4, 128, 4), (16, 32, 4), (64, 8, 4), (128, 4, 4))]
+# The two passes that touch every element are autotuned on the GPU. Their `tune_key` argument is a
+# bucket of the shape (see ops._tune_key), so a config found for one shape serves every shape of the
+# same bucket, dtype, block shape and mode. The interpreter, and the GPU with AUTOTUNE off
+# (SPARSITY_EXT_TRITON_AUTOTUNE=0 at import, or set the attribute), launch the DEFAULT config.
+SCORES_CONFIGS = [triton.Config({"TILE_R": r, "TILE_C": c}, num_warps=w)
+                  for r, c, w in ((1, 256, 4), (1, 1024, 8), (4, 128, 4), (16, 32, 4), (64, 8, 4), (128, 4, 4))]
+MASK_CONFIGS = [triton.Config({"TILE_R": r, "TILE_BYTES": b}, num_warps=w)
+                for r, b, w in ((1, 128, 4), (2, 256, 8), (4, 32, 4), (8, 16, 4), (32, 4, 4), (64, 1, 2))]
+SCORES_DEFAULT = triton.Config({"TILE_R": 8, "TILE_C": 64}, num_warps=4)
+MASK_DEFAULT = triton.Config({"TILE_R": 8, "TILE_BYTES": 16}, num_warps=4)
+AUTOTUNE = not INTERPRETED and os.environ.get("SPARSITY_EXT_TRITON_AUTOTUNE", "1") != "0"
+
+_block_scores_autotuned = triton.autotune(SCORES_CONFIGS, key=["tune_key", "BH", "BW", "NORM"],
+                                          reset_to_zero=["hist_ptr"])(_block_scores_kernel)
+# Re-running the mask write while tuning is harmless: with APPLY it zeroes the same elements again.
+_block_norm_mask_autotuned = triton.autotune(MASK_CONFIGS, key=["tune_key", "BH", "BW", "SELECT", "RANKED",
+                                                                "PACKED", "APPLY"])(_block_norm_mask_kernel)
 
 
-def _mask_configs():
-    return [triton.Config({"TILE_R": r, "TILE_BYTES": b}, num_warps=w)
-            for r, b, w in ((1, 128, 4), (2, 256, 8), (4, 32, 4), (8, 16, 4), (32, 4, 4), (64, 1, 2))]
+def _fixed(config):
+    return {**config.kwargs, "num_warps": config.num_warps}
 
 
-if INTERPRETED:
-    block_scores = _block_scores_kernel
-    block_norm_mask = _block_norm_mask_kernel
-    SCORES_INTERPRETER_META = {"TILE_R": 16, "TILE_C": 32}
-    MASK_INTERPRETER_META = {"TILE_R": 16, "TILE_BYTES": 8}
-else:
-    block_scores = triton.autotune(_scores_configs(), key=["tune_key", "BH", "BW", "NORM"],
-                                   reset_to_zero=["hist_ptr"])(_block_scores_kernel)
-    # Re-running the mask write while tuning is harmless: with APPLY it zeroes the same elements again.
-    block_norm_mask = triton.autotune(_mask_configs(), key=["tune_key", "BH", "BW", "SELECT", "RANKED", "PACKED",
-                                                            "APPLY"])(_block_norm_mask_kernel)
-    SCORES_INTERPRETER_META = MASK_INTERPRETER_META = {}
+def block_scores():
+    """(kernel, launch kwargs) for the scoring pass: the autotuner, or the default config."""
+    return (_block_scores_autotuned, {}) if AUTOTUNE else (_block_scores_kernel, _fixed(SCORES_DEFAULT))
+
+
+def block_norm_mask():
+    """(kernel, launch kwargs) for the mask-write pass: the autotuner, or the default config."""
+    return (_block_norm_mask_autotuned, {}) if AUTOTUNE else (_block_norm_mask_kernel, _fixed(MASK_DEFAULT))

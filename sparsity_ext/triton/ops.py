@@ -29,6 +29,11 @@ def _launchable(kernel):
     return kernel if kernels.INTERPRETED else wrap_triton(kernel)
 
 
+def _direct(kernel):
+    """How a custom_op body launches: the kernel itself (torch never traces into it)."""
+    return kernel
+
+
 def _check_device(t: torch.Tensor, op: str) -> None:
     if t.device.type == "cpu" and not kernels.INTERPRETED:
         raise RuntimeError(f"{op}: the triton backend runs CPU tensors only in triton's interpreter; set "
@@ -67,9 +72,10 @@ def _score_keys(x: torch.Tensor, block_shape: tuple[int, int], norm: int):
     keys = torch.empty(nbh * nbw, dtype=torch.int32, device=x.device)
     hist = torch.zeros(len(kernels.RADIX_DIGITS), kernels.RADIX_BINS, dtype=torch.int64, device=x.device)
     shift, bits = kernels.RADIX_DIGITS[0]
-    kernels.block_scores[lambda meta: (triton.cdiv(nbh, meta["TILE_R"]) * triton.cdiv(nbw, meta["TILE_C"]),)](
+    kernel, config = kernels.block_scores()
+    kernel[lambda meta: (triton.cdiv(nbh, meta["TILE_R"]) * triton.cdiv(nbw, meta["TILE_C"]),)](
         x, keys, hist[0], h, w, x.stride(0), x.stride(1), nbh, nbw, _tune_key(nbh, nbw),
-        BH=bh, BW=bw, NORM=norm, DIGIT_SHIFT=shift, NBINS=1 << bits, **kernels.SCORES_INTERPRETER_META, **_EXACT)
+        BH=bh, BW=bw, NORM=norm, DIGIT_SHIFT=shift, NBINS=1 << bits, **config, **_EXACT)
     return keys, hist
 
 
@@ -79,7 +85,7 @@ def _radix_select(keys: torch.Tensor, hist: torch.Tensor, k: int):
     hold the first digit's histogram."""
     device = keys.device
     prefix = torch.zeros(1, dtype=torch.int32, device=device)
-    state = torch.tensor([k, 0], dtype=torch.int64, device=device)
+    state = torch.full((2,), k, dtype=torch.int64, device=device)  # [remaining, ties]
     # Each histogram pass reads src[0 : count] and appends its candidates to the next pass's source.
     src, count = keys, torch.full((1,), keys.numel(), dtype=torch.int64, device=device)
     prefix_shift = 32
@@ -112,15 +118,16 @@ def _tie_ranks(keys: torch.Tensor, threshold: torch.Tensor, state: torch.Tensor)
 
 # --------------------------------------------------------------------------------- mask write
 def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, packed, apply, launch):
-    """One launch of kernels.block_norm_mask writing `out` (bool (h, w) or packed bytes) for x (h, w)."""
+    """One launch of the mask-write pass (kernels.block_norm_mask()) writing `out` (bool (h, w) or packed bytes) for x (h, w)."""
     h, w = x.shape
     bh, bw = block_shape
     keys, tie_rank, threshold, state = selection if selection is not None else (x, x, x, x)
-    launch(kernels.block_norm_mask)[
+    kernel, config = kernels.block_norm_mask()
+    launch(kernel)[
         lambda meta: (triton.cdiv(h, meta["TILE_R"]) * triton.cdiv(triton.cdiv(w, 8), meta["TILE_BYTES"]),)](
         x, out.view(torch.uint8), keys, tie_rank, threshold, state, h, w, x.stride(0), x.stride(1),
         triton.cdiv(w, bw), zeros_per_block, _tune_key(h, w), BH=bh, BW=bw, NORM=norm, SELECT=select,
-        RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **kernels.MASK_INTERPRETER_META)
+        RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **config)
 
 
 def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, packed, apply, op):
@@ -146,12 +153,12 @@ def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, p
     # Packed bytes are written directly when no byte straddles two rows; else a bool mask is packed after.
     target = out if not packed or w % 8 == 0 else torch.empty((h, w), dtype=torch.bool, device=data.device)
     _write_mask(data, target, selection, block_shape, zeros_per_block, norm, select,
-                packed=target is out and packed, apply=apply and not ranked, launch=lambda kernel: kernel)
+                packed=target is out and packed, apply=apply and not ranked, launch=_direct)
     if target is not out:
-        _pack(target, out, launch=lambda kernel: kernel)
+        _pack(target, out, launch=_direct)
     if apply and ranked and select != kernels.SELECT_NONE:
         # Ranking reads the block's values, so zeroing waits for the whole mask (a second pass).
-        _apply(data, target, launch=lambda kernel: kernel)
+        _apply(data, target, launch=_direct)
     return out
 
 

@@ -36,9 +36,7 @@ SPX_HD uint32_t float_to_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
+  return __builtin_bit_cast(uint32_t, x);
 #endif
 }
 
@@ -46,9 +44,7 @@ SPX_HD float bits_to_float(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
+  return __builtin_bit_cast(float, bits);
 #endif
 }
 
@@ -97,10 +93,12 @@ SPX_HD float element_norm(float x, int norm) {
 constexpr uint32_t kNanKey = 0xFFFFFFFFu;
 
 SPX_HD uint32_t order_key(float x) {
-  if (x != x) return kNanKey;
+  // Integer arithmetic only, no selects, so that CPU loops over keys vectorize.
   uint32_t bits = float_to_bits(x);
-  if (bits == 0x80000000u) bits = 0;  // -0.0 ranks as +0.0
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  bits &= 0u - static_cast<uint32_t>(bits != 0x80000000u);  // -0.0 ranks as +0.0
+  // negative: flip every bit; non-negative: set the sign bit
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
+  return (bits ^ flip) | (0u - static_cast<uint32_t>(x != x));  // every NaN -> kNanKey
 }
 
 // Inverse of order_key on its image (kNanKey -> a quiet NaN, 0x7FFFFFFF).
@@ -128,7 +126,7 @@ SPX_HD int64_t num_selected_blocks(double sparsity_level, int64_t num_blocks) {
 // Block b (row-major over the grid of blocks) is selected when its key is below the threshold key,
 // or equal to it and b is at most last_tied_block (ties go to lower block indices).
 SPX_HD bool block_selected(uint32_t key, int64_t block, uint32_t threshold_key, int64_t last_tied_block) {
-  return key < threshold_key || (key == threshold_key && block <= last_tied_block);
+  return (key < threshold_key) | ((key == threshold_key) & (block <= last_tied_block));  // branch-free
 }
 
 // ---------------------------------------------------------------------------- block geometry
@@ -175,26 +173,25 @@ SPX_HD float block_mean_norm(const T* data, int64_t ld, const BlockGrid& grid, i
 // Valid elements of a block are numbered row-major among the valid ones (p = r * valid_cols + c);
 // the z elements with the smallest (key, p) are zeroed.
 
-// Bit p set <=> element p is among the z smallest of the n <= 32 keys (rank counting, O(n^2)).
-// kMaxN is a compile-time bound on n so that small groups (e.g. 2:4) live in registers.
+// Bit p set <=> element p is among the z smallest of the first n keys, ties by lower p (rank
+// counting, O(kMaxN^2)). keys[n, kMaxN) must hold kNanKey: padding ranks after every real key, so the
+// loops need no bounds and no branches (CPU loops over many groups vectorize, GPU threads do not
+// diverge). kMaxN is a compile-time bound so that small groups (2:4) live in registers.
 template <int kMaxN>
-SPX_HD uint32_t smallest_z_bits(const uint32_t (&keys)[kMaxN], int n, int64_t z) {
+SPX_HD uint32_t smallest_z_bits(const uint32_t (&keys)[kMaxN], int n, int z) {
   static_assert(kMaxN >= 1 && kMaxN <= 32, "rank counting is for groups of at most 32 elements");
-  if (z >= n) return n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
   uint32_t bits = 0;
   SPX_UNROLL
   for (int p = 0; p < kMaxN; ++p) {
-    if (p >= n) break;
     int rank = 0;
     SPX_UNROLL
-    for (int q = 0; q < kMaxN; ++q) {
-      if (q >= n) break;
-      rank += (keys[q] < keys[p]) || (keys[q] == keys[p] && q < p);
-    }
-    if (rank < z) bits |= 1u << p;
+    for (int q = 0; q < kMaxN; ++q) rank += q < p ? keys[q] <= keys[p] : keys[q] < keys[p];
+    bits |= static_cast<uint32_t>(rank < z) << p;
   }
-  return bits;
+  return n >= 32 ? bits : bits & ((1u << n) - 1u);
 }
+
+SPX_HD int clamp_zeros(int64_t z, int bound) { return z < bound ? static_cast<int>(z) : bound; }
 
 // The z smallest (key, p) pairs of any number n of valid elements are exactly those whose
 // (key << 32 | p) is <= the returned cut; ~0 when z >= n (every valid element). key_at(p) gives the
@@ -229,7 +226,17 @@ SPX_HD uint32_t row_group_zero_bits(const T* first, int n, int64_t z, int norm) 
   uint32_t keys[kMaxN];
   SPX_UNROLL
   for (int p = 0; p < kMaxN; ++p) keys[p] = p < n ? element_key(first[p], norm) : kNanKey;
-  return smallest_z_bits<kMaxN>(keys, n, z);
+  return smallest_z_bits<kMaxN>(keys, n, clamp_zeros(z, kMaxN));
+}
+
+// smallest_z_bits with the smallest compile-time bound that holds n <= 32 keys (padded in place).
+template <int kMaxN = 32>
+SPX_HD uint32_t smallest_z_bits_any(uint32_t (&keys)[32], int n, int64_t z) {
+  for (int p = n; p < kMaxN; ++p) keys[p] = kNanKey;
+  if constexpr (kMaxN > 4) {
+    if (n <= kMaxN / 2) return smallest_z_bits_any<kMaxN / 2>(keys, n, z);
+  }
+  return smallest_z_bits<kMaxN>(reinterpret_cast<const uint32_t(&)[kMaxN]>(keys), n, clamp_zeros(z, kMaxN));
 }
 
 // The cut (see smallest_z_cut) of block (block_row, block_col): rank counting when it has at most 32
@@ -245,7 +252,7 @@ SPX_HD uint64_t block_zero_cut(const T* data, int64_t ld, const BlockGrid& grid,
   if (n > 32) return smallest_z_cut(key_at, n, z);
   uint32_t keys[32];
   for (int p = 0; p < n; ++p) keys[p] = key_at(p);
-  const uint32_t bits = smallest_z_bits<32>(keys, static_cast<int>(n), z);
+  const uint32_t bits = smallest_z_bits_any(keys, static_cast<int>(n), z);
   uint64_t cut = 0;  // the largest zeroed (key, p)
   for (int p = 0; p < n; ++p) {
     if (((bits >> p) & 1u) && cut_key(keys[p], p) > cut) cut = cut_key(keys[p], p);

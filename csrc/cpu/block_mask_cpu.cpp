@@ -12,7 +12,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/mask_math.h"
@@ -23,6 +25,7 @@ namespace sparsity_ext {
 namespace {
 
 constexpr int64_t kScoreGrain = 1 << 14;  // blocks per scoring chunk
+constexpr int64_t kScoreTile = 2048;      // blocks scored before their keys are counted (stay in L1)
 constexpr int64_t kMaskUnit = 64;         // mask tasks start at multiples of 64 elements (whole bytes)
 constexpr int64_t kMaskGrain = 1 << 16;   // elements per mask task
 constexpr int64_t kPackTile = 4096;       // elements staged as bools before packing
@@ -48,51 +51,220 @@ struct Plan {
   const uint64_t* cuts = nullptr;    // per-block cuts (kCut)
 };
 
-// Writes keep flags for the flat range [begin, end) to keep[0, end - begin), zeroing data where a
-// flag is false when kApply.
-template <ZeroMode kMode, int kGroup, bool kApply, typename T>
-void keep_range(const Plan<T>& plan, int64_t begin, int64_t end, bool* keep) {
+// ------------------------------------------------------------------------------ scoring pass
+// Keys of blocks [begin, end) of one-row blocks of exactly kWidth columns: the full blocks of each
+// row in a tight loop the compiler can vectorize, a row's partial last block by block_mean_norm.
+template <int kWidth, int kNorm, typename T>
+void row_block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys) {
   const BlockGrid& g = plan.grid;
-  for_each_block_run(begin, end, g.cols, g.block_cols, [&](int64_t row, int64_t block_col, int64_t c0, int64_t c1,
-                                                          int64_t offset) {
-    const int64_t block_row = g.block_rows == 1 ? row : row / g.block_rows;
-    const int64_t block = block_row * g.grid_cols + block_col;
-    bool* out = keep + offset;
-    const int64_t len = c1 - c0;
-    if (!plan.all_selected &&
-        !block_selected(plan.keys[block], block, plan.threshold_key, plan.last_tied_block)) {
-      std::memset(out, 1, len);
-      return;
+  const int64_t full_per_row = g.cols / kWidth;
+  for (int64_t b = begin; b < end;) {
+    const int64_t row = b / g.grid_cols, row_first = row * g.grid_cols;
+    const int64_t stop = std::min(end, row_first + g.grid_cols);
+    const int64_t full_stop = std::min(stop, row_first + full_per_row);
+    const T* row_ptr = plan.data + row * plan.ld - row_first * kWidth;
+    for (int64_t i = b; i < full_stop; ++i) {
+      const T* block = row_ptr + i * kWidth;
+      float sum = 0.0f;
+      for (int c = 0; c < kWidth; ++c) sum = fp32_add(sum, element_norm(to_float(block[c]), kNorm));
+      keys[i] = order_key(sum / static_cast<float>(kWidth));
     }
-    T* row_ptr = plan.data + row * plan.ld;
-    const int64_t block_c0 = block_col * g.block_cols;
-    if constexpr (kMode == ZeroMode::kWholeBlock) {
-      std::memset(out, 0, len);
-    } else if constexpr (kMode == ZeroMode::kRowRank) {
-      const uint32_t zero_bits = row_group_zero_bits<kGroup>(row_ptr + block_c0, static_cast<int>(g.valid_cols(block_col)),
-                                                             plan.zeros_per_block, plan.norm);
-      for (int64_t c = c0; c < c1; ++c) out[c - c0] = !((zero_bits >> (c - block_c0)) & 1u);
-    } else {
-      const uint64_t cut = plan.cuts[block];
-      const int64_t row_base = (row - block_row * g.block_rows) * g.valid_cols(block_col) - block_c0;
-      for (int64_t c = c0; c < c1; ++c) out[c - c0] = cut_key(element_key(row_ptr[c], plan.norm), row_base + c) > cut;
+    for (int64_t i = std::max(b, full_stop); i < stop; ++i) {
+      keys[i] = order_key(block_mean_norm(plan.data, plan.ld, g, row, i - row_first, kNorm));
     }
-    if constexpr (kApply) {
-      for (int64_t c = c0; c < c1; ++c) {
-        if (!out[c - c0]) row_ptr[c] = T{};
+    b = stop;
+  }
+}
+
+template <typename T>
+void any_block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys) {
+  const BlockGrid& g = plan.grid;
+  int64_t block_row = begin / g.grid_cols, block_col = begin - block_row * g.grid_cols;
+  for (int64_t b = begin; b < end; ++b) {
+    keys[b] = order_key(block_mean_norm(plan.data, plan.ld, g, block_row, block_col, plan.norm));
+    if (++block_col == g.grid_cols) {
+      block_col = 0;
+      ++block_row;
+    }
+  }
+}
+
+template <typename T>
+void block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys) {
+  const BlockGrid& g = plan.grid;
+  const auto by_norm = [&](auto width) {
+    constexpr int kWidth = decltype(width)::value;
+    switch (plan.norm) {
+      case 0: return row_block_keys<kWidth, 0>(plan, begin, end, keys);
+      case 1: return row_block_keys<kWidth, 1>(plan, begin, end, keys);
+      default: return row_block_keys<kWidth, 2>(plan, begin, end, keys);
+    }
+  };
+  if (g.block_rows == 1 && g.block_cols == 4) return by_norm(std::integral_constant<int, 4>());
+  if (g.block_rows == 1 && g.block_cols == 8) return by_norm(std::integral_constant<int, 8>());
+  any_block_keys(plan, begin, end, keys);
+}
+
+// Per-block keys (with pass 0 of their histogram, per chunk) and/or per-block cuts.
+template <typename T>
+void score_blocks(const Plan<T>& plan, const cpu::Chunking& chunks, uint32_t* keys, cpu::ChunkHistograms* first_pass,
+                  uint64_t* cuts) {
+  const BlockGrid& g = plan.grid;
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t begin = chunks.begin(c); begin < chunks.end(c); begin += kScoreTile) {
+        const int64_t end = std::min(begin + kScoreTile, chunks.end(c));
+        if (keys) {
+          block_keys(plan, begin, end, keys);
+          cpu::add_to_histogram([keys](int64_t i) { return keys[i]; }, begin, end, 0u, 0, first_pass->of(c));
+        }
+        if (cuts) {
+          int64_t block_row = begin / g.grid_cols, block_col = begin - block_row * g.grid_cols;
+          for (int64_t b = begin; b < end; ++b) {
+            cuts[b] = block_zero_cut(plan.data, plan.ld, g, block_row, block_col, plan.zeros_per_block, plan.norm);
+            if (++block_col == g.grid_cols) {
+              block_col = 0;
+              ++block_row;
+            }
+          }
+        }
       }
     }
   });
 }
 
-// Bits 0..7 of the result are the 8 bools (0/1 bytes) of `word`, lowest address first.
+// --------------------------------------------------------------------------------- mask pass
+// Keep flags of the elements [c0, c1) of `row`, all inside block column block_col, written to out.
+template <ZeroMode kMode, int kWidth, typename T>
+void keep_run(const Plan<T>& plan, int64_t row, int64_t block_col, int64_t c0, int64_t c1, bool* out) {
+  const BlockGrid& g = plan.grid;
+  const int64_t block_row = (kWidth > 0 || g.block_rows == 1) ? row : row / g.block_rows;
+  const int64_t block = block_row * g.grid_cols + block_col;
+  if (!plan.all_selected && !block_selected(plan.keys[block], block, plan.threshold_key, plan.last_tied_block)) {
+    std::memset(out, 1, c1 - c0);
+    return;
+  }
+  const T* row_ptr = plan.data + row * plan.ld;
+  const int64_t block_c0 = block_col * g.block_cols;
+  if constexpr (kMode == ZeroMode::kWholeBlock) {
+    std::memset(out, 0, c1 - c0);
+  } else if constexpr (kMode == ZeroMode::kRowRank) {
+    constexpr int kGroup = kWidth > 0 ? kWidth : 32;
+    const uint32_t zero_bits = row_group_zero_bits<kGroup>(
+        row_ptr + block_c0, static_cast<int>(g.valid_cols(block_col)), plan.zeros_per_block, plan.norm);
+    for (int64_t c = c0; c < c1; ++c) out[c - c0] = !((zero_bits >> (c - block_c0)) & 1u);
+  } else {
+    const uint64_t cut = plan.cuts[block];
+    const int64_t row_base = (row - block_row * g.block_rows) * g.valid_cols(block_col) - block_c0;
+    for (int64_t c = c0; c < c1; ++c) out[c - c0] = cut_key(element_key(row_ptr[c], plan.norm), row_base + c) > cut;
+  }
+}
+
+// Keep flags of `count` consecutive full blocks of kWidth columns of one row, starting at block
+// index first_block whose elements start at `elements`: branch-free loops the compiler vectorizes.
+// Blocks up to last_tied_block are selected when key <= threshold, later ones when key < threshold,
+// so the loops compare 32-bit keys only.
+template <ZeroMode kMode, int kWidth, int kNorm, typename T>
+void keep_full_row_blocks(const Plan<T>& plan, const T* elements, int64_t first_block, int64_t count, bool* out) {
+  static_assert(kMode != ZeroMode::kCut, "the full-block path covers one-row blocks of <= 32 columns");
+  if (kMode == ZeroMode::kWholeBlock && plan.all_selected) {
+    std::memset(out, 0, count * kWidth);
+    return;
+  }
+  const uint32_t* keys = plan.keys;
+  const uint32_t threshold = plan.threshold_key;
+  const int zeros = clamp_zeros(plan.zeros_per_block, kWidth);
+  // kRule: 0 every block selected, 1 key <= threshold, 2 key < threshold
+  const auto blocks = [&](int64_t i0, int64_t i1, auto rule) {
+    constexpr int kRule = decltype(rule)::value;
+    for (int64_t i = i0; i < i1; ++i) {
+      const bool selected = kRule == 0 || (kRule == 1 ? keys[first_block + i] <= threshold
+                                                        : keys[first_block + i] < threshold);
+      if constexpr (kMode == ZeroMode::kWholeBlock) {
+        for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !selected;
+      } else {
+        uint32_t group[kWidth];
+        for (int c = 0; c < kWidth; ++c) group[c] = element_key(elements[i * kWidth + c], kNorm);
+        const uint32_t zero_bits = smallest_z_bits<kWidth>(group, kWidth, zeros);
+        for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !(selected & ((zero_bits >> c) & 1u));
+      }
+    }
+  };
+  if (plan.all_selected) return blocks(0, count, std::integral_constant<int, 0>());
+  const int64_t tied_end = plan.last_tied_block >= first_block + count ? count
+                           : std::max<int64_t>(0, plan.last_tied_block - first_block + 1);
+  blocks(0, tied_end, std::integral_constant<int, 1>());
+  blocks(tied_end, count, std::integral_constant<int, 2>());
+}
+
+template <ZeroMode kMode, int kWidth, typename T>
+void keep_full_row_blocks(const Plan<T>& plan, const T* elements, int64_t first_block, int64_t count, bool* out) {
+  switch (plan.norm) {
+    case 0: return keep_full_row_blocks<kMode, kWidth, 0>(plan, elements, first_block, count, out);
+    case 1: return keep_full_row_blocks<kMode, kWidth, 1>(plan, elements, first_block, count, out);
+    default: return keep_full_row_blocks<kMode, kWidth, 2>(plan, elements, first_block, count, out);
+  }
+}
+
+// Calls visit(row, col_begin, col_end, offset) for each row's part of the flat range [begin, end).
+template <class Visit>
+void for_each_row_segment(int64_t begin, int64_t end, int64_t cols, const Visit& visit) {
+  int64_t row = begin / cols, col = begin - row * cols;
+  for (int64_t e = begin; e < end; ++row, col = 0) {
+    const int64_t stop = std::min(cols, col + (end - e));
+    visit(row, col, stop, e - begin);
+    e += stop - col;
+  }
+}
+
+template <typename T>
+void zero_where_dropped(T* elements, const bool* keep, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) elements[i] = keep[i] ? elements[i] : T{};
+}
+
+// Writes keep flags for the flat range [begin, end) to keep[0, end - begin), zeroing data where a
+// flag is false when kApply. kWidth > 0: blocks are one row of exactly kWidth columns, and the full
+// blocks of each row segment take the vectorized path.
+template <ZeroMode kMode, int kWidth, bool kApply, typename T>
+void keep_range(const Plan<T>& plan, int64_t begin, int64_t end, bool* keep) {
+  const BlockGrid& g = plan.grid;
+  if constexpr (kWidth == 0) {
+    for_each_block_run(begin, end, g.cols, g.block_cols,
+                       [&](int64_t row, int64_t block_col, int64_t c0, int64_t c1, int64_t offset) {
+                         keep_run<kMode, 0>(plan, row, block_col, c0, c1, keep + offset);
+                       });
+  } else {
+    for_each_row_segment(begin, end, g.cols, [&](int64_t row, int64_t c0, int64_t c1, int64_t offset) {
+      bool* out = keep + offset - c0;  // out[c] is column c's flag
+      const int64_t first_full = (c0 + kWidth - 1) / kWidth, end_full = c1 / kWidth;
+      if (first_full >= end_full) {  // no full block: at most two partial runs
+        for_each_block_run(c0, c1, g.cols, kWidth, [&](int64_t, int64_t block_col, int64_t r0, int64_t r1, int64_t) {
+          keep_run<kMode, kWidth>(plan, row, block_col, r0, r1, out + r0);
+        });
+      } else {
+        if (c0 < first_full * kWidth) keep_run<kMode, kWidth>(plan, row, first_full - 1, c0, first_full * kWidth, out + c0);
+        keep_full_row_blocks<kMode, kWidth>(plan, plan.data + row * plan.ld + first_full * kWidth,
+                                            row * g.grid_cols + first_full, end_full - first_full,
+                                            out + first_full * kWidth);
+        if (end_full * kWidth < c1) keep_run<kMode, kWidth>(plan, row, end_full, end_full * kWidth, c1, out + end_full * kWidth);
+      }
+    });
+  }
+  if constexpr (kApply) {
+    for_each_row_segment(begin, end, g.cols, [&](int64_t row, int64_t c0, int64_t c1, int64_t offset) {
+      zero_where_dropped(plan.data + row * plan.ld + c0, keep + offset, c1 - c0);
+    });
+  }
+}
+
+// Bits 0..7 of the result are the 8 bools (0/1 bytes) at `flags`, lowest address first.
 inline uint8_t pack8(const bool* flags) {
   uint64_t word;
   std::memcpy(&word, flags, 8);
   return static_cast<uint8_t>((word * 0x0102040810204080ull) >> 56);
 }
 
-template <ZeroMode kMode, int kGroup, bool kApply, typename T>
+template <ZeroMode kMode, int kWidth, bool kApply, typename T>
 void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed) {
   const int64_t numel = plan.grid.rows * plan.grid.cols;
   const int64_t units = (numel + kMaskUnit - 1) / kMaskUnit;
@@ -100,21 +272,22 @@ void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed) {
     bool* out = mask.data_ptr<bool>();
     at::parallel_for(0, units, kMaskGrain / kMaskUnit, [&](int64_t u0, int64_t u1) {
       const int64_t begin = u0 * kMaskUnit, end = std::min(u1 * kMaskUnit, numel);
-      keep_range<kMode, kGroup, kApply>(plan, begin, end, out + begin);
+      keep_range<kMode, kWidth, kApply>(plan, begin, end, out + begin);
     });
     return;
   }
   uint8_t* out = mask.data_ptr<uint8_t>();
   at::parallel_for(0, units, kMaskGrain / kMaskUnit, [&](int64_t u0, int64_t u1) {
     alignas(8) bool keep[kPackTile];
-    for (int64_t begin = u0 * kMaskUnit; begin < std::min(u1 * kMaskUnit, numel); begin += kPackTile) {
-      const int64_t end = std::min({begin + kPackTile, u1 * kMaskUnit, numel});
-      keep_range<kMode, kGroup, kApply>(plan, begin, end, keep);
+    const int64_t task_end = std::min(u1 * kMaskUnit, numel);
+    for (int64_t begin = u0 * kMaskUnit; begin < task_end; begin += kPackTile) {
+      const int64_t end = std::min(begin + kPackTile, task_end);
+      keep_range<kMode, kWidth, kApply>(plan, begin, end, keep);
       const int64_t count = end - begin;
       const int64_t full_bytes = count / 8;
       uint8_t* dst = out + begin / 8;
       for (int64_t j = 0; j < full_bytes; ++j) dst[j] = pack8(keep + 8 * j);
-      if (count % 8 != 0) {  // the last byte of the mask: bits past numel stay 0, as pack_mask writes them
+      if (count % 8 != 0) {  // the mask's last byte: bits past numel stay 0, as pack_mask writes them
         uint8_t byte = 0;
         for (int64_t i = 0; i < count % 8; ++i) byte |= static_cast<uint8_t>(keep[8 * full_bytes + i]) << i;
         dst[full_bytes] = byte;
@@ -123,41 +296,23 @@ void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed) {
   });
 }
 
-template <ZeroMode kMode, int kGroup, typename T>
+template <ZeroMode kMode, int kWidth, typename T>
 void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed, bool apply) {
   if (apply) {
-    write_mask<kMode, kGroup, true>(plan, mask, packed);
+    write_mask<kMode, kWidth, true>(plan, mask, packed);
   } else {
-    write_mask<kMode, kGroup, false>(plan, mask, packed);
+    write_mask<kMode, kWidth, false>(plan, mask, packed);
   }
 }
 
-// Keys of every block (+ pass 0 of the histogram), and the cuts when kCut.
-template <typename T>
-void score_blocks(const Plan<T>& plan, const cpu::Chunking& chunks, uint32_t* keys, uint64_t* cuts,
-                  std::vector<int64_t>* first_pass_hist) {
+template <ZeroMode kMode, typename T>
+void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed, bool apply) {
   const BlockGrid& g = plan.grid;
-  std::vector<int64_t> per_chunk = keys ? cpu::chunk_histograms(chunks) : std::vector<int64_t>();
-  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t* hist = keys ? per_chunk.data() + c * kRadixBins : nullptr;
-      const int64_t begin = chunks.begin(c), end = chunks.end(c);
-      int64_t block_row = begin / g.grid_cols, block_col = begin - block_row * g.grid_cols;
-      for (int64_t b = begin; b < end; ++b) {
-        if (keys) {
-          const uint32_t key = order_key(block_mean_norm(plan.data, plan.ld, g, block_row, block_col, plan.norm));
-          keys[b] = key;
-          ++hist[radix_digit(key, 0)];
-        }
-        if (cuts) cuts[b] = block_zero_cut(plan.data, plan.ld, g, block_row, block_col, plan.zeros_per_block, plan.norm);
-        if (++block_col == g.grid_cols) {
-          block_col = 0;
-          ++block_row;
-        }
-      }
-    }
-  });
-  if (keys) *first_pass_hist = cpu::merge_histograms(per_chunk, chunks.count);
+  if constexpr (kMode != ZeroMode::kCut) {  // kCut never has one-row blocks of <= 32 columns
+    if (g.block_rows == 1 && g.block_cols == 4) return write_mask<kMode, 4>(plan, mask, packed, apply);
+    if (g.block_rows == 1 && g.block_cols == 8) return write_mask<kMode, 8>(plan, mask, packed, apply);
+  }
+  write_mask<kMode, 0>(plan, mask, packed, apply);
 }
 
 void fill_ones(at::Tensor& mask, bool packed, int64_t numel) {
@@ -186,16 +341,15 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
   std::vector<uint64_t> cuts;
   if (!plan.all_selected || mode == ZeroMode::kCut) {
     const cpu::Chunking chunks = cpu::make_chunking(num_blocks, kScoreGrain);
+    cpu::ChunkHistograms first_pass(chunks.count);
     if (!plan.all_selected) keys.resize(num_blocks);
     if (mode == ZeroMode::kCut) cuts.resize(num_blocks);
-    std::vector<int64_t> first_pass_hist;
-    score_blocks(plan, chunks, keys.empty() ? nullptr : keys.data(), cuts.empty() ? nullptr : cuts.data(),
-                 &first_pass_hist);
+    score_blocks(plan, chunks, keys.empty() ? nullptr : keys.data(), &first_pass, cuts.empty() ? nullptr : cuts.data());
     plan.cuts = cuts.empty() ? nullptr : cuts.data();
     if (!plan.all_selected) {
       const uint32_t* key_data = keys.data();
       const auto key_at = [key_data](int64_t i) { return key_data[i]; };
-      const RadixState state = cpu::radix_select(chunks, key_at, k, &first_pass_hist);
+      const RadixState state = cpu::radix_select(chunks, key_at, k, &first_pass);
       plan.keys = key_data;
       plan.threshold_key = state.prefix;
       if (state.rank < state.equal) plan.last_tied_block = cpu::index_of_tied(chunks, key_at, state.prefix, state.rank);
@@ -203,22 +357,11 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
   }
   switch (mode) {
     case ZeroMode::kWholeBlock:
-      write_mask<ZeroMode::kWholeBlock, 1>(plan, mask, packed, apply);
-      break;
-    case ZeroMode::kCut:
-      write_mask<ZeroMode::kCut, 1>(plan, mask, packed, apply);
-      break;
+      return write_mask<ZeroMode::kWholeBlock>(plan, mask, packed, apply);
     case ZeroMode::kRowRank:
-      if (grid.block_cols <= 4) {
-        write_mask<ZeroMode::kRowRank, 4>(plan, mask, packed, apply);
-      } else if (grid.block_cols <= 8) {
-        write_mask<ZeroMode::kRowRank, 8>(plan, mask, packed, apply);
-      } else if (grid.block_cols <= 16) {
-        write_mask<ZeroMode::kRowRank, 16>(plan, mask, packed, apply);
-      } else {
-        write_mask<ZeroMode::kRowRank, 32>(plan, mask, packed, apply);
-      }
-      break;
+      return write_mask<ZeroMode::kRowRank>(plan, mask, packed, apply);
+    case ZeroMode::kCut:
+      return write_mask<ZeroMode::kCut>(plan, mask, packed, apply);
   }
 }
 

@@ -1,8 +1,11 @@
-// CPU radix select over uint32 order keys (csrc/common/mask_math.h): per-chunk histograms filled in
-// parallel and merged in chunk order, so results never depend on the thread count.
+// CPU radix select over uint32 order keys (csrc/common/mask_math.h). Histograms are kept per chunk
+// of the index range, filled in parallel and merged in chunk order, so results never depend on the
+// thread count. After pass 0, the keys of the chosen digit are gathered into a compact buffer when
+// they are few, and passes 1-2 run over that buffer instead of over all keys.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,53 +31,86 @@ inline Chunking make_chunking(int64_t n, int64_t grain) {
   return Chunking{n, std::max<int64_t>(1, std::min(by_size, by_threads))};
 }
 
-// Per-chunk histograms (kRadixBins int64 each), zeroed; summed by merge_histograms.
-inline std::vector<int64_t> chunk_histograms(const Chunking& chunks) {
-  return std::vector<int64_t>(static_cast<size_t>(chunks.count) * kRadixBins, 0);
-}
-
-inline std::vector<int64_t> merge_histograms(const std::vector<int64_t>& per_chunk, int64_t count) {
-  std::vector<int64_t> total(kRadixBins, 0);
-  for (int64_t c = 0; c < count; ++c) {
-    const int64_t* h = per_chunk.data() + c * kRadixBins;
-    for (int d = 0; d < kRadixBins; ++d) total[d] += h[d];
+// One kRadixBins histogram per chunk.
+struct ChunkHistograms {
+  explicit ChunkHistograms(int64_t chunks) : count(chunks), bins(static_cast<size_t>(chunks) * kRadixBins, 0) {}
+  int64_t* of(int64_t chunk) { return bins.data() + chunk * kRadixBins; }
+  const int64_t* of(int64_t chunk) const { return bins.data() + chunk * kRadixBins; }
+  std::vector<int64_t> merged() const {
+    std::vector<int64_t> total(kRadixBins, 0);
+    for (int64_t c = 0; c < count; ++c) {
+      for (int d = 0; d < kRadixBins; ++d) total[d] += of(c)[d];
+    }
+    return total;
   }
-  return total;
+  int64_t count;
+  std::vector<int64_t> bins;
+};
+
+// Adds the digits of pass `pass` of the keys in [begin, end) that match the prefix to hist.
+template <class KeyAt>
+void add_to_histogram(const KeyAt& key_at, int64_t begin, int64_t end, uint32_t prefix, int pass, int64_t* hist) {
+  if (pass == 0) {
+    for (int64_t i = begin; i < end; ++i) ++hist[radix_digit(key_at(i), 0)];
+    return;
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t key = key_at(i);
+    hist[radix_digit(key, pass)] += radix_candidate(key, prefix, pass);
+  }
 }
 
-// Histogram of pass `pass` over the keys key_at(i), i in [0, n), that match the prefix.
 template <class KeyAt>
-std::vector<int64_t> radix_histogram(const Chunking& chunks, const KeyAt& key_at, uint32_t prefix, int pass) {
-  std::vector<int64_t> per_chunk = chunk_histograms(chunks);
+ChunkHistograms histogram_pass(const Chunking& chunks, const KeyAt& key_at, uint32_t prefix, int pass) {
+  ChunkHistograms hists(chunks.count);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) add_to_histogram(key_at, chunks.begin(c), chunks.end(c), prefix, pass, hists.of(c));
+  });
+  return hists;
+}
+
+// Keys whose pass-0 digit is `digit`, in index order; chunk c holds first_pass.of(c)[digit] of them.
+template <class KeyAt>
+std::vector<uint32_t> gather_candidates(const Chunking& chunks, const KeyAt& key_at, const ChunkHistograms& first_pass,
+                                        uint32_t digit, int64_t total) {
+  std::vector<uint32_t> out(total);
+  std::vector<int64_t> offset(chunks.count + 1, 0);
+  for (int64_t c = 0; c < chunks.count; ++c) offset[c + 1] = offset[c] + first_pass.of(c)[digit];
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int64_t* hist = per_chunk.data() + c * kRadixBins;
-      const int64_t end = chunks.end(c);
-      if (pass == 0) {
-        for (int64_t i = chunks.begin(c); i < end; ++i) ++hist[radix_digit(key_at(i), 0)];
-      } else {
-        for (int64_t i = chunks.begin(c); i < end; ++i) {
-          const uint32_t key = key_at(i);
-          hist[radix_digit(key, pass)] += radix_candidate(key, prefix, pass);
-        }
+      uint32_t* dst = out.data() + offset[c];
+      for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
+        const uint32_t key = key_at(i);
+        if (radix_digit(key, 0) == digit) *dst++ = key;
       }
     }
   });
-  return merge_histograms(per_chunk, chunks.count);
+  return out;
 }
 
-// The k-th smallest key (1 <= k <= n) and its tie rank; first_pass_hist, when given, is pass 0's
-// histogram computed by the caller alongside the keys.
+// Gather the pass-0 survivors when at most 1/kGatherRatio of the keys remain.
+constexpr int64_t kGatherRatio = 8;
+
+// The k-th smallest key (1 <= k <= n) and its tie rank. first_pass, when given, is pass 0's
+// per-chunk histogram, computed by the caller while it produced the keys.
 template <class KeyAt>
-RadixState radix_select(const Chunking& chunks, const KeyAt& key_at, int64_t k,
-                        const std::vector<int64_t>* first_pass_hist) {
+RadixState radix_select(const Chunking& chunks, const KeyAt& key_at, int64_t k, const ChunkHistograms* first_pass) {
   RadixState state = radix_start(k);
-  for (int pass = 0; pass < kRadixPasses; ++pass) {
-    if (pass == 0 && first_pass_hist != nullptr) {
-      radix_step(first_pass_hist->data(), pass, state);
-    } else {
-      radix_step(radix_histogram(chunks, key_at, state.prefix, pass).data(), pass, state);
+  const ChunkHistograms own_first = first_pass ? ChunkHistograms(0) : histogram_pass(chunks, key_at, 0u, 0);
+  const ChunkHistograms& pass0 = first_pass ? *first_pass : own_first;
+  radix_step(pass0.merged().data(), 0, state);
+  const auto finish = [&](const Chunking& range, const auto& keys) {
+    for (int pass = 1; pass < kRadixPasses; ++pass) {
+      radix_step(histogram_pass(range, keys, state.prefix, pass).merged().data(), pass, state);
     }
+  };
+  if (state.equal * kGatherRatio <= chunks.n) {
+    const std::vector<uint32_t> survivors =
+        gather_candidates(chunks, key_at, pass0, radix_digit(state.prefix, 0), state.equal);
+    const uint32_t* data = survivors.data();
+    finish(make_chunking(state.equal, 1 << 16), [data](int64_t i) { return data[i]; });
+  } else {
+    finish(chunks, key_at);
   }
   return state;
 }

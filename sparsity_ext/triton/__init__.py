@@ -5,9 +5,10 @@ Use it with `with sparsity_ext.use_backend("triton"): sparsity_ext.ops.block_nor
 (or SPARSITY_EXT_BACKEND=triton); "auto" picks it for CUDA tensors when the CUDA extension is not
 built. triton is optional: importing this package does not import it; the kernels
 (sparsity_ext.triton.kernels) and their torch.library ops (sparsity_ext.triton.ops, namespace
-sparsity_ext_triton) are imported on the first call. CPU tensors run only in triton's interpreter
-(TRITON_INTERPRET=1, read by triton when the kernels are decorated, i.e. at that first import; call
-`register()` again if you set it after importing sparsity_ext).
+sparsity_ext_triton) are imported on the first call. CPU tensors run only in triton's interpreter:
+TRITON_INTERPRET=1 must be set before that first call (triton reads it when the kernels are
+decorated; triton itself may already be imported), and `register()` called again if it was set
+after importing sparsity_ext.
 
 Reading the kernels (kernels.py; each kernel's docstring states its math):
   block_norm_mask = _block_scores_kernel  one pass over x: fp32 block sums in row-major order, one
@@ -25,7 +26,12 @@ Reading the kernels (kernels.py; each kernel's docstring states its math):
                                           elements of selected blocks when zeros_per_block < block
                                           size, zeroing x in the same pass for block_norm_mask_apply_
                                           when whole blocks go (else a second _apply_mask_kernel pass).
-  nm_mask is _block_norm_mask_kernel alone (every (1, m) block selected, m - n zeros, |x|).
+  nm_mask is _block_norm_mask_kernel alone (every (1, m) block selected, m - n zeros, |x|);
+  apply_mask_, pack_mask, unpack_mask are one elementwise pass each; select_threshold is the radix
+  select above on 1 x 1 blocks of the raw values.
+Exactness: the scoring pass is launched with enable_fp_fusion=False (else x*x + acc becomes an FMA
+and scores differ from the reference in the last bit); that is why the scoring ops are
+torch.library.custom_op (opaque to torch.compile) and the rest triton_op (see ops.py).
 Tuning: _block_scores_kernel and _block_norm_mask_kernel are autotuned over the tile shapes in
 kernels.SCORES_CONFIGS / kernels.MASK_CONFIGS, keyed by (bit lengths of the shape, dtype, block
 shape, mode), so each bucket is tuned once per process; TRITON_PRINT_AUTOTUNING=1 prints the choice.

@@ -56,19 +56,19 @@ def cases(device: str, quick: bool):
     rows, cols = ((2_000_000, 128) if quick else (16_000_000, 128)) if big else ((100_000, 64) if quick else (1_000_000, 64))
     nm_side = (4096 if quick else 16384) if big else (1024 if quick else 4096)
     n_select = (10**7 if quick else 10**8) if big else (10**6 if quick else 10**7)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def table():
-        return {"x": torch.randn(rows, cols, generator=g).to(device)}
+        return {"x": torch.randn(rows, cols, generator=g, device=device)}
 
     def weight16():
-        return {"x": torch.randn(nm_side, nm_side, generator=g).to(device=device, dtype=torch.float16)}
+        return {"x": torch.randn(nm_side, nm_side, generator=g, device=device).half()}
 
     def values():
-        return {"v": torch.randn(n_select, generator=g).to(device)}
+        return {"v": torch.randn(n_select, generator=g, device=device)}
 
     def mask_inputs():
-        x = torch.randn(rows, cols, generator=g).to(device)
+        x = torch.randn(rows, cols, generator=g, device=device)
         return {"x": x, "mask": x > 0, "packed": ops.pack_mask(x > 0)}
 
     t = rows * cols

@@ -173,21 +173,26 @@ SPX_HD float block_mean_norm(const T* data, int64_t ld, const BlockGrid& grid, i
 // Valid elements of a block are numbered row-major among the valid ones (p = r * valid_cols + c);
 // the z elements with the smallest (key, p) are zeroed.
 
-// Bit p set <=> element p is among the z smallest of the first n keys, ties by lower p (rank
-// counting, O(kMaxN^2)). keys[n, kMaxN) must hold kNanKey: padding ranks after every real key, so the
-// loops need no bounds and no branches (CPU loops over many groups vectorize, GPU threads do not
-// diverge). kMaxN is a compile-time bound so that small groups (2:4) live in registers.
+// Whether element p is among the z smallest of keys[0, kMaxN), ties by lower index (rank counting).
+// Used unpadded on exact groups (2:4), and through smallest_z_bits on padded ones. Branch-free, so
+// CPU loops over many groups vectorize and GPU threads do not diverge.
+template <int kMaxN>
+SPX_HD bool in_smallest_z(const uint32_t (&keys)[kMaxN], int p, int z) {
+  int rank = 0;
+  SPX_UNROLL
+  for (int q = 0; q < kMaxN; ++q) rank += q < p ? keys[q] <= keys[p] : keys[q] < keys[p];
+  return rank < z;
+}
+
+// Bit p set <=> element p is among the z smallest of the first n keys, ties by lower p, O(kMaxN^2).
+// keys[n, kMaxN) must hold kNanKey: padding ranks after every real key, so the loops need no bounds.
+// kMaxN is a compile-time bound so that small groups live in registers.
 template <int kMaxN>
 SPX_HD uint32_t smallest_z_bits(const uint32_t (&keys)[kMaxN], int n, int z) {
   static_assert(kMaxN >= 1 && kMaxN <= 32, "rank counting is for groups of at most 32 elements");
   uint32_t bits = 0;
   SPX_UNROLL
-  for (int p = 0; p < kMaxN; ++p) {
-    int rank = 0;
-    SPX_UNROLL
-    for (int q = 0; q < kMaxN; ++q) rank += q < p ? keys[q] <= keys[p] : keys[q] < keys[p];
-    bits |= static_cast<uint32_t>(rank < z) << p;
-  }
+  for (int p = 0; p < kMaxN; ++p) bits |= static_cast<uint32_t>(in_smallest_z<kMaxN>(keys, p, z)) << p;
   return n >= 32 ? bits : bits & ((1u << n) - 1u);
 }
 

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -112,8 +113,9 @@ void score_blocks(const Plan<T>& plan, const cpu::Chunking& chunks, uint32_t* ke
   const BlockGrid& g = plan.grid;
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t begin = chunks.begin(c); begin < chunks.end(c); begin += kScoreTile) {
-        const int64_t end = std::min(begin + kScoreTile, chunks.end(c));
+      const int64_t chunk_end = chunks.end(c);
+      for (int64_t begin = chunks.begin(c); begin < chunk_end; begin += kScoreTile) {
+        const int64_t end = std::min(begin + kScoreTile, chunk_end);
         if (keys) {
           block_keys(plan, begin, end, keys);
           cpu::add_to_histogram([keys](int64_t i) { return keys[i]; }, begin, end, 0u, 0, first_pass->of(c));
@@ -174,19 +176,28 @@ void keep_full_row_blocks(const Plan<T>& plan, const T* elements, int64_t first_
   const uint32_t* keys = plan.keys;
   const uint32_t threshold = plan.threshold_key;
   const int zeros = clamp_zeros(plan.zeros_per_block, kWidth);
-  // kRule: 0 every block selected, 1 key <= threshold, 2 key < threshold
+  // kRowRank ranks a tile of blocks at a time: first the tile's element keys, in a loop of its own,
+  // so that both loops vectorize.
+  constexpr int64_t kTile = kMode == ZeroMode::kRowRank ? 512 : std::numeric_limits<int64_t>::max();
+  uint32_t element_keys[kMode == ZeroMode::kRowRank ? kTile * kWidth : 1];
+  // blocks [i0, i1); kRule: 0 every block selected, 1 key <= threshold, 2 key < threshold
   const auto blocks = [&](int64_t i0, int64_t i1, auto rule) {
     constexpr int kRule = decltype(rule)::value;
-    for (int64_t i = i0; i < i1; ++i) {
-      const bool selected = kRule == 0 || (kRule == 1 ? keys[first_block + i] <= threshold
-                                                        : keys[first_block + i] < threshold);
-      if constexpr (kMode == ZeroMode::kWholeBlock) {
-        for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !selected;
-      } else {
-        uint32_t group[kWidth];
-        for (int c = 0; c < kWidth; ++c) group[c] = element_key(elements[i * kWidth + c], kNorm);
-        const uint32_t zero_bits = smallest_z_bits<kWidth>(group, kWidth, zeros);
-        for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !(selected & ((zero_bits >> c) & 1u));
+    for (int64_t t0 = i0; t0 < i1; t0 = t0 + std::min(kTile, i1 - t0)) {
+      const int64_t t1 = t0 + std::min(kTile, i1 - t0);
+      if constexpr (kMode == ZeroMode::kRowRank) {
+        for (int64_t e = 0; e < (t1 - t0) * kWidth; ++e) element_keys[e] = element_key(elements[t0 * kWidth + e], kNorm);
+      }
+      for (int64_t i = t0; i < t1; ++i) {
+        const bool selected = kRule == 0 || (kRule == 1 ? keys[first_block + i] <= threshold
+                                                          : keys[first_block + i] < threshold);
+        if constexpr (kMode == ZeroMode::kWholeBlock) {
+          for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !selected;
+        } else {
+          uint32_t group[kWidth];
+          for (int c = 0; c < kWidth; ++c) group[c] = element_keys[(i - t0) * kWidth + c];
+          for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !(selected & in_smallest_z<kWidth>(group, c, zeros));
+        }
       }
     }
   };
@@ -337,17 +348,17 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
   const ZeroMode mode = zeros_per_block >= grid.block_size() ? ZeroMode::kWholeBlock
                         : (grid.block_rows == 1 && grid.block_cols <= 32) ? ZeroMode::kRowRank
                                                                           : ZeroMode::kCut;
-  std::vector<uint32_t> keys;
-  std::vector<uint64_t> cuts;
-  if (!plan.all_selected || mode == ZeroMode::kCut) {
+  // uninitialized O(num_blocks) buffers: every entry is written by the scoring pass
+  const at::Tensor keys = plan.all_selected ? at::Tensor() : at::empty({num_blocks}, mask.options().dtype(at::kInt));
+  const at::Tensor cuts = mode == ZeroMode::kCut ? at::empty({num_blocks}, mask.options().dtype(at::kLong)) : at::Tensor();
+  if (keys.defined() || cuts.defined()) {
     const cpu::Chunking chunks = cpu::make_chunking(num_blocks, kScoreGrain);
     cpu::ChunkHistograms first_pass(chunks.count);
-    if (!plan.all_selected) keys.resize(num_blocks);
-    if (mode == ZeroMode::kCut) cuts.resize(num_blocks);
-    score_blocks(plan, chunks, keys.empty() ? nullptr : keys.data(), &first_pass, cuts.empty() ? nullptr : cuts.data());
-    plan.cuts = cuts.empty() ? nullptr : cuts.data();
-    if (!plan.all_selected) {
-      const uint32_t* key_data = keys.data();
+    uint32_t* key_data = keys.defined() ? reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>()) : nullptr;
+    uint64_t* cut_data = cuts.defined() ? reinterpret_cast<uint64_t*>(cuts.data_ptr<int64_t>()) : nullptr;
+    score_blocks(plan, chunks, key_data, &first_pass, cut_data);
+    plan.cuts = cut_data;
+    if (key_data) {
       const auto key_at = [key_data](int64_t i) { return key_data[i]; };
       const RadixState state = cpu::radix_select(chunks, key_at, k, &first_pass);
       plan.keys = key_data;

@@ -1,7 +1,6 @@
 // CPU radix select over uint32 order keys (csrc/common/mask_math.h). Histograms are kept per chunk
 // of the index range, filled in parallel and merged in chunk order, so results never depend on the
-// thread count. After pass 0, the keys of the chosen digit are gathered into a compact buffer when
-// they are few, and passes 1-2 run over that buffer instead of over all keys.
+// thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -20,7 +19,8 @@ namespace cpu {
 struct Chunking {
   int64_t n;
   int64_t count;
-  int64_t begin(int64_t chunk) const { return static_cast<int64_t>(static_cast<__int128>(n) * chunk / count); }
+  // the first n % count chunks get one item more
+  int64_t begin(int64_t chunk) const { return (n / count) * chunk + std::min(chunk, n % count); }
   int64_t end(int64_t chunk) const { return begin(chunk + 1); }
 };
 
@@ -69,49 +69,53 @@ ChunkHistograms histogram_pass(const Chunking& chunks, const KeyAt& key_at, uint
   return hists;
 }
 
-// Keys whose pass-0 digit is `digit`, in index order; chunk c holds first_pass.of(c)[digit] of them.
+// Pass 1's histogram, and the keys whose pass-0 digit is `digit` gathered in index order (chunk c
+// holds first_pass.of(c)[digit] of them).
 template <class KeyAt>
-std::vector<uint32_t> gather_candidates(const Chunking& chunks, const KeyAt& key_at, const ChunkHistograms& first_pass,
-                                        uint32_t digit, int64_t total) {
-  std::vector<uint32_t> out(total);
+ChunkHistograms gather_and_count(const Chunking& chunks, const KeyAt& key_at, const ChunkHistograms& first_pass,
+                                 uint32_t digit, uint32_t* out) {
+  ChunkHistograms hists(chunks.count);
   std::vector<int64_t> offset(chunks.count + 1, 0);
   for (int64_t c = 0; c < chunks.count; ++c) offset[c + 1] = offset[c] + first_pass.of(c)[digit];
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      uint32_t* dst = out.data() + offset[c];
-      for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
+      uint32_t* dst = out + offset[c];
+      int64_t* hist = hists.of(c);
+      for (int64_t i = chunks.begin(c), end = chunks.end(c); i < end; ++i) {
         const uint32_t key = key_at(i);
-        if (radix_digit(key, 0) == digit) *dst++ = key;
+        if (radix_digit(key, 0) == digit) {
+          *dst++ = key;
+          ++hist[radix_digit(key, 1)];
+        }
       }
     }
   });
-  return out;
+  return hists;
 }
 
-// Gather the pass-0 survivors when at most 1/kGatherRatio of the keys remain.
-constexpr int64_t kGatherRatio = 8;
-
 // The k-th smallest key (1 <= k <= n) and its tie rank. first_pass, when given, is pass 0's
-// per-chunk histogram, computed by the caller while it produced the keys.
+// per-chunk histogram, computed by the caller while it produced the keys. Pass 1 also gathers the
+// keys still in the running when they are at most half of all (reading n and writing at most n/2
+// keys beats a second full read), and pass 2 reads only those.
 template <class KeyAt>
 RadixState radix_select(const Chunking& chunks, const KeyAt& key_at, int64_t k, const ChunkHistograms* first_pass) {
   RadixState state = radix_start(k);
   const ChunkHistograms own_first = first_pass ? ChunkHistograms(0) : histogram_pass(chunks, key_at, 0u, 0);
   const ChunkHistograms& pass0 = first_pass ? *first_pass : own_first;
   radix_step(pass0.merged().data(), 0, state);
-  const auto finish = [&](const Chunking& range, const auto& keys) {
+  if (state.equal * 2 > chunks.n) {
     for (int pass = 1; pass < kRadixPasses; ++pass) {
-      radix_step(histogram_pass(range, keys, state.prefix, pass).merged().data(), pass, state);
+      radix_step(histogram_pass(chunks, key_at, state.prefix, pass).merged().data(), pass, state);
     }
-  };
-  if (state.equal * kGatherRatio <= chunks.n) {
-    const std::vector<uint32_t> survivors =
-        gather_candidates(chunks, key_at, pass0, radix_digit(state.prefix, 0), state.equal);
-    const uint32_t* data = survivors.data();
-    finish(make_chunking(state.equal, 1 << 16), [data](int64_t i) { return data[i]; });
-  } else {
-    finish(chunks, key_at);
+    return state;
   }
+  std::vector<uint32_t> survivors(state.equal);
+  radix_step(gather_and_count(chunks, key_at, pass0, radix_digit(state.prefix, 0), survivors.data()).merged().data(), 1,
+             state);
+  const uint32_t* data = survivors.data();
+  const auto survivor_at = [data](int64_t i) { return data[i]; };
+  const Chunking survivor_chunks = make_chunking(static_cast<int64_t>(survivors.size()), 1 << 16);
+  radix_step(histogram_pass(survivor_chunks, survivor_at, state.prefix, 2).merged().data(), 2, state);
   return state;
 }
 
@@ -122,7 +126,7 @@ int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key,
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t count = 0;
-      for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) count += key_at(i) == key;
+      for (int64_t i = chunks.begin(c), end = chunks.end(c); i < end; ++i) count += key_at(i) == key;
       equal[c] = count;
     }
   });
@@ -131,7 +135,7 @@ int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key,
       rank -= equal[c];
       continue;
     }
-    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
+    for (int64_t i = chunks.begin(c), end = chunks.end(c); i < end; ++i) {
       if (key_at(i) == key && --rank == 0) return i;
     }
   }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_sparsifiers import copy_bandwidth  # noqa: E402  (one copy-bandwidth measurement for both scripts)
+from bench_sparsifiers import copy_bandwidth, write_results  # noqa: E402  (shared by both scripts)
 
 import sparsity_ext  # noqa: E402
 from sparsity_ext import ops  # noqa: E402
@@ -137,18 +136,11 @@ def main() -> int:
             lines.append(f"| {r['op']} | {r['impl']} | {r['error']} | | {r['floor_ms']:.3f} |")
     table = "\n".join(lines)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"ops-{args.device}{'-quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": {"date": stamp, "device": hw, "torch": torch.__version__, "command": command,
-                            "copy_bandwidth_gbps": bandwidth / 1e9}, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# sparsity_ext ops ({args.device})\n\n{stamp}, {hw}, torch {torch.__version__}, copy bandwidth "
-                f"{bandwidth / 1e9:.1f} GB/s. Command: `{command}`.\n\n{table}\n")
-    print()
-    print(table)
-    print(f"\nwrote {stem}.json and {stem}.md")
+    meta = {"date": stamp, "device": hw, "torch": torch.__version__, "copy_bandwidth_gbps": bandwidth / 1e9,
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "floor": "(bytes each op must read + write) / copy bandwidth"}
+    write_results(os.path.join(args.out, f"ops-{args.device}{'-quick' if args.quick else ''}"),
+                  f"sparsity_ext ops ({args.device})", meta, rows, table)
     return 0
 
 

@@ -189,6 +189,20 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times[2:])
 
 
+def write_results(stem: str, title: str, meta: dict, rows: list, table: str) -> None:
+    """stem.json (meta + rows) and stem.md (title, meta, table); prints the table."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {title}\n\n{meta['date']}, {meta['device']}, torch {meta['torch']}, copy bandwidth "
+                f"{meta['copy_bandwidth_gbps']:.1f} GB/s (read+write).\nCommand: `{meta['command']}`. "
+                f"Floor: {meta['floor']}.\n\n{table}\n")
+    print()
+    print(table)
+    print(f"\nwrote {stem}.json and {stem}.md")
+
+
 # ------------------------------------------------------------------------------------- driver
 def run_in_subprocess(case: Case, impl: str, backend: str | None, device: str, budget_s: float) -> dict:
     payload = json.dumps({"case": dataclasses.asdict(case), "impl": impl, "backend": backend,
@@ -259,17 +273,8 @@ def main() -> int:
     meta = {"date": stamp, "device": hw, "torch": torch.__version__, "python": platform.python_version(),
             "copy_bandwidth_gbps": bandwidth / 1e9, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "floor": "(W bytes + bool mask bytes) / copy bandwidth", "backends": sparsity_ext.info(as_text=False)["backends"]}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"sparsifiers-{args.device}{'-quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# sparsifier step: torch.ao.pruning vs sparsity_ext ({args.device})\n\n"
-                f"{stamp}, {hw}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s.\n"
-                f"Command: `{meta['command']}`. Floor: {meta['floor']}.\n\n{table}\n")
-    print()
-    print(table)
-    print(f"\nwrote {stem}.json and {stem}.md")
+    write_results(os.path.join(args.out, f"sparsifiers-{args.device}{'-quick' if args.quick else ''}"),
+                  f"sparsifier step: torch.ao.pruning vs sparsity_ext ({args.device})", meta, rows, table)
     return 0
 
 

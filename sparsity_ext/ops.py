@@ -78,6 +78,17 @@ def _run(op: str, like: torch.Tensor, *args):
     return fn(*args)
 
 
+def _block_mask(op: str, data, sparsity_level, block_shape, zeros_per_block, norm, packed) -> torch.Tensor:
+    """Checks the arguments of block_norm_mask / block_norm_mask_apply_, then runs `op`."""
+    _check_float_data(data, op)
+    level = _check_level(sparsity_level, op)
+    bshape = _check_block_shape(block_shape, op)
+    block_size = bshape[0] * bshape[1]
+    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    mask = _run(op, data, _as_2d(data), level, bshape, zeros, parse_norm(norm), bool(packed))
+    return mask if packed else mask.view(data.shape)
+
+
 # ------------------------------------------------------------------------------------------- ops
 def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: Sequence[int] = (1, 4),
                     zeros_per_block: int | None = None, norm=2, packed: bool = False) -> torch.Tensor:
@@ -93,14 +104,7 @@ def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: Sequ
     Returns:
         bool mask of data's shape (True = keep), or the packed bits.
     """
-    op = "block_norm_mask"
-    _check_float_data(data, op)
-    level = _check_level(sparsity_level, op)
-    bshape = _check_block_shape(block_shape, op)
-    block_size = bshape[0] * bshape[1]
-    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
-    mask = _run(op, data, _as_2d(data), level, bshape, zeros, parse_norm(norm), bool(packed))
-    return mask if packed else mask.view(data.shape)
+    return _block_mask("block_norm_mask", data, sparsity_level, block_shape, zeros_per_block, norm, packed)
 
 
 def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: Sequence[int] = (1, 4),
@@ -109,14 +113,7 @@ def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shap
 
     Returns the mask (bool, or packed bits with packed=True).
     """
-    op = "block_norm_mask_apply_"
-    _check_float_data(data, op)
-    level = _check_level(sparsity_level, op)
-    bshape = _check_block_shape(block_shape, op)
-    block_size = bshape[0] * bshape[1]
-    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
-    mask = _run(op, data, _as_2d(data), level, bshape, zeros, parse_norm(norm), bool(packed))
-    return mask if packed else mask.view(data.shape)
+    return _block_mask("block_norm_mask_apply_", data, sparsity_level, block_shape, zeros_per_block, norm, packed)
 
 
 def nm_mask(data: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

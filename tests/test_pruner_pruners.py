@@ -165,8 +165,10 @@ class ThreeFilters(nn.Module):
 def test_fpgm_distance_is_the_sum_of_distances_to_every_filter():
     filters = ThreeFilters().conv2d1.weight
     # pairwise L2 distances: |3-2|*3 = 3, |3-0.1|*3 = 8.7, |2-0.1|*3 = 5.7 (9 elements each)
-    torch.testing.assert_close(FPGMPruner()._compute_distance(filters), torch.tensor([11.7, 8.7, 14.4]))
-    torch.testing.assert_close(FPGMPruner(dist=1)._compute_distance(filters), torch.tensor([35.1, 26.1, 43.2]))
+    # the built-in distances are float64 (the same ranking on CPU and CUDA), a callable's keep its dtype
+    l2_sums, l1_sums = FPGMPruner()._compute_distance(filters), FPGMPruner(dist=1)._compute_distance(filters)
+    torch.testing.assert_close(l2_sums, torch.tensor([11.7, 8.7, 14.4], dtype=torch.float64))
+    torch.testing.assert_close(l1_sums, torch.tensor([35.1, 26.1, 43.2], dtype=torch.float64))
     chebyshev = FPGMPruner(dist=lambda x: torch.cdist(x, x, p=float("inf")))
     torch.testing.assert_close(chebyshev._compute_distance(filters), torch.tensor([3.9, 2.9, 4.8]))
 

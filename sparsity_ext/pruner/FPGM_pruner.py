@@ -12,8 +12,9 @@ from .parametrization import structured_mask
 
 __all__ = ["FPGMPruner"]
 
-# Above this many pairwise distances the default distances are summed in blocks of rows (bounded memory).
-_MAX_DISTANCES_AT_ONCE = 1 << 26
+# Above this many pairwise distances the default distances are summed in blocks of rows (bounded memory:
+# 256 MiB of float64 distances at a time).
+_MAX_DISTANCES_AT_ONCE = 1 << 25
 
 
 class FPGMPruner(BaseStructuredSparsifier):
@@ -29,6 +30,12 @@ class FPGMPruner(BaseStructuredSparsifier):
 
     Distances are one torch.cdist over the flattened rows (on the weight's device), summed in blocks of
     rows for very large layers. Ties go to the lower row index.
+
+    The built-in distances are computed, summed and ranked in float64 (so _compute_distance returns
+    float64 for them): a float32 cdist of many rows takes the matmul path (|x|^2 + |y|^2 - 2 x.y), whose
+    cancellation error differs between CPU and CUDA GEMMs and can swap rows whose sums are a few float32
+    ulps apart, so the same weight would lose different filters on different devices. torch.ao.pruning
+    ranks float32 sums; its masks are the same wherever its rounding error does not reorder two rows.
     """
 
     def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None):
@@ -47,13 +54,13 @@ class FPGMPruner(BaseStructuredSparsifier):
         check_level(group, low=None, high=None)
 
     def _compute_distance(self, t: torch.Tensor) -> torch.Tensor:
-        """For each row (dim-0 slice) of t, the sum of its distances to every row."""
+        """For each row (dim-0 slice) of t, the sum of its distances to every row (float64 for dist 1 and 2)."""
         rows = t.reshape(t.shape[0], -1)
-        if self._p is None or rows.shape[0] ** 2 <= _MAX_DISTANCES_AT_ONCE:
+        if self._p is None:
             return self.dist_fn(rows).abs().sum(dim=1)
-        block = max(1, _MAX_DISTANCES_AT_ONCE // rows.shape[0])
-        return torch.cat([torch.cdist(rows[i:i + block], rows, p=self._p).sum(dim=1)
-                          for i in range(0, rows.shape[0], block)])
+        rows = rows.to(torch.float64)  # see the class docstring: the same ranking on every device
+        block = max(1, _MAX_DISTANCES_AT_ONCE // max(rows.shape[0], 1))
+        return torch.cat([torch.cdist(chunk, rows, p=self._p).sum(dim=1) for chunk in rows.split(block)])
 
     def update_mask(self, module: nn.Module, tensor_name: str, sparsity_level: float, **kwargs) -> None:
         weight = getattr(module, tensor_name)

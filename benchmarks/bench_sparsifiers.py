@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    kind: str            # "weight" (WeightNormSparsifier on an nn.Linear weight) or "data" (DataNormSparsifier)
+    kind: str            # "weight": WeightNormSparsifier.step on an nn.Linear weight; "data": DataNormSparsifier.step;
+                         # "data_squash": add_data + step + squash_mask on a fresh copy of the table each run
     shape: tuple[int, int]
     dtype: str
     level: float
@@ -60,7 +61,11 @@ QUICK = {
     "cuda": [Case("WeightNorm 2048x2048 fp16 2:4", "weight", (2048, 2048), "float16", 1.0, (1, 4), 2, "L2"),
              Case("DataNorm 1000000x64 (1,4) 80%", "data", (1_000_000, 64), "float32", 0.8, (1, 4), 4, "L1")],
 }
-# impl name -> backend it pins (None: torch.ao.pruning itself)
+# DataNormSparsifier over table sizes (issue: 10^5 to 4*10^6 rows x 64), with the lean masks.
+DATA_SWEEP = [Case(f"DataNorm {rows}x64 (1,4) 80% +squash", "data_squash", (rows, 64), "float32", 0.8, (1, 4), 4, "L1")
+              for rows in (100_000, 300_000, 1_000_000, 2_000_000, 4_000_000)]
+DATA_SWEEP_QUICK = DATA_SWEEP[:1]
+# impl name -> backend it pins (None: torch.ao.pruning itself); "[bool]"/"[packed]": the lean mask_dtype
 IMPLS = {
     "cpu": {"torch.ao": None, "sparsity_ext": "cpu", "op[cpu]": "cpu"},
     "cuda": {"torch.ao": None, "sparsity_ext": "cuda", "op[cuda]": "cuda", "op[triton]": "triton"},
@@ -109,7 +114,8 @@ def _peak_probe(device: str):
 
 
 def _build(case: Case, impl: str, backend: str | None, device: str):
-    """Returns step(): one timed call; inputs allocated here, before the clock."""
+    """Returns (setup, step): step() is one timed call, setup() runs untimed before each (inputs are
+    allocated here or in setup, before the clock)."""
     import torch
     from torch import nn
     g = torch.Generator(device=device).manual_seed(0)  # generated where it lives: 8 GB tables take seconds on a CPU
@@ -122,7 +128,7 @@ def _build(case: Case, impl: str, backend: str | None, device: str):
         def step():
             with sparsity_ext.use_backend(backend):
                 return ops.block_norm_mask(data, case.level, case.block, case.zeros, norm_int)
-        return step
+        return (lambda: None), step
     if backend is None:
         import torch.ao.pruning as ao
         from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as AoDataNorm
@@ -131,6 +137,26 @@ def _build(case: Case, impl: str, backend: str | None, device: str):
         import sparsity_ext
         from sparsity_ext.data_sparsifier import DataNormSparsifier as SxDataNorm
         weight_cls, data_cls, ctx = sparsity_ext.WeightNormSparsifier, SxDataNorm, backend
+    lean = {"[bool]": {"mask_dtype": torch.bool}, "[packed]": {"mask_dtype": "packed"}}.get(impl[impl.find("["):], {})
+    if case.kind == "data_squash":
+        table = {}
+
+        def setup():
+            table["data"] = data.clone()
+
+        def squash_step():
+            sparsifier = data_cls(sparsity_level=case.level, sparse_block_shape=case.block, zeros_per_block=case.zeros,
+                                  norm=case.norm, **lean)
+            sparsifier.add_data("table", table.pop("data"))
+            sparsifier.step()
+            sparsifier.squash_mask()
+        if ctx is None:
+            return setup, squash_step
+
+        def step_on_backend():
+            with sparsity_ext.use_backend(ctx):
+                squash_step()
+        return setup, step_on_backend
     if case.kind == "weight":
         model = nn.Sequential(nn.Linear(case.shape[1], case.shape[0], bias=False, device="meta"))
         model[0].weight = nn.Parameter(data, requires_grad=False)
@@ -142,19 +168,20 @@ def _build(case: Case, impl: str, backend: str | None, device: str):
                               zeros_per_block=case.zeros, norm=case.norm)
         sparsifier.add_data("table", data)
     if ctx is None:
-        return sparsifier.step
+        return (lambda: None), sparsifier.step
 
     def step():
         with sparsity_ext.use_backend(ctx):
             sparsifier.step()
-    return step
+    return (lambda: None), step
 
 
 def worker(case: Case, impl: str, backend: str | None, device: str, budget_s: float) -> dict:
     import torch
     try:
-        step = _build(case, impl, backend, device)
+        setup, step = _build(case, impl, backend, device)
         reset, peak = _peak_probe(device)
+        setup()
         reset()
         step()  # warm-up (also compiles/loads kernels); its peak is the one reported
         _sync(device)
@@ -162,6 +189,8 @@ def worker(case: Case, impl: str, backend: str | None, device: str, budget_s: fl
         times = []
         start = time.perf_counter()
         while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 50):
+            setup()
+            _sync(device)
             t0 = time.perf_counter()
             step()
             _sync(device)
@@ -220,6 +249,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
+    parser.add_argument("--suite", choices=("steps", "data-sweep"), default="steps",
+                        help="steps: WeightNorm/DataNorm step cases; data-sweep: DataNorm add_data+step+squash_mask "
+                             "over table sizes with the lean masks")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per measurement")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -240,13 +272,17 @@ def main() -> int:
     hw = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"device: {hw}; torch {torch.__version__}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write)")
     rows = []
-    cases = (QUICK if args.quick else CASES)[args.device]
+    if args.suite == "data-sweep":
+        cases = DATA_SWEEP_QUICK if args.quick else DATA_SWEEP
+        impls = {"torch.ao": None, **{f"sparsity_ext{v}": args.device for v in ("", "[bool]", "[packed]")}}
+    else:
+        cases, impls = (QUICK if args.quick else CASES)[args.device], IMPLS[args.device]
     for case in cases:
         elem = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
         numel = case.shape[0] * case.shape[1]
         floor_ms = (numel * elem + numel) / bandwidth * 1e3
         results = {}
-        for impl, backend in IMPLS[args.device].items():
+        for impl, backend in impls.items():
             res = run_in_subprocess(case, impl, backend, args.device, args.budget)
             results[impl] = res
             status = f"{res['ms']:.2f} ms" if "ms" in res else res["error"]
@@ -273,7 +309,8 @@ def main() -> int:
     meta = {"date": stamp, "device": hw, "torch": torch.__version__, "python": platform.python_version(),
             "copy_bandwidth_gbps": bandwidth / 1e9, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "floor": "(W bytes + bool mask bytes) / copy bandwidth", "backends": sparsity_ext.info(as_text=False)["backends"]}
-    write_results(os.path.join(args.out, f"sparsifiers-{args.device}{'-quick' if args.quick else ''}"),
+    suffix = ("-data-sweep" if args.suite == "data-sweep" else "") + ("-quick" if args.quick else "")
+    write_results(os.path.join(args.out, f"sparsifiers-{args.device}{suffix}"),
                   f"sparsifier step: torch.ao.pruning vs sparsity_ext ({args.device})", meta, rows, table)
     return 0
 

@@ -159,7 +159,7 @@ class BaseDataSparsifier(BaseSparsifier):
 
         mask = self._new_mask(weight) if mask is None else self._to_mask_format(mask, weight)
         self._container.register_buffer(name, weight)
-        parametrize.register_parametrization(self._container, name, param_class(mask))
+        parametrize.register_parametrization(self._container, name, param_class(mask), unsafe=True)
         self.state[name]["mask"] = mask
         self.data_groups[name] = local_args
         return getattr(self._container, name)
@@ -303,7 +303,7 @@ class BaseDataSparsifier(BaseSparsifier):
             mask = self._new_mask(data) if mask is None else self._to_mask_format(mask, data)
             state["mask"] = mask
             param_class = data_groups[name].get("parametrization", self._default_parametrization())
-            parametrize.register_parametrization(self._container, name, param_class(mask))
+            parametrize.register_parametrization(self._container, name, param_class(mask), unsafe=True)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restores data, masks and configs from `state_dict` (left unchanged: its tensors are copied).

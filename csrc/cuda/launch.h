@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cuda/mask_kernels.cuh"
+#include "cuda/vector_io.cuh"
 
 namespace sparsity_ext {
 namespace cuda {

@@ -1,4 +1,5 @@
-// CUDA kernels of the sparsity_ext ops, free of torch headers (the launchers in *.cu add torch).
+// CUDA kernels of the block-norm masks and of select_threshold, free of torch headers (launched by
+// block_mask_cuda.cu).
 // The per-element and per-block math is csrc/common/mask_math.h, shared with the CPU kernels.
 //
 // Block-norm mask pipeline (DESIGN.md "Algorithms"), all on the current stream, no host sync:
@@ -17,11 +18,11 @@
 #include <cstdint>
 
 #include "common/mask_math.h"
+#include "cuda/vector_io.cuh"
 
 namespace sparsity_ext {
 namespace cuda {
 
-constexpr int kThreads = 256;   // threads per CTA for every kernel here
 constexpr int kChunk = 32;      // flat elements per thread in the mask kernels: one 32-bit word of bits
 constexpr int kTieTile = 8192;  // keys per CTA when counting ties
 
@@ -33,39 +34,6 @@ enum class ZeroMode : int {
 };
 
 // ------------------------------------------------------------------------------ small helpers
-// `N` consecutive elements starting at p, read with 16-byte (or smaller) vector loads; p must be
-// aligned to min(16, N * sizeof(T)) bytes.
-template <typename T, int N>
-__device__ __forceinline__ void load_vector(const T* p, T (&out)[N]) {
-  constexpr int kBytes = N * static_cast<int>(sizeof(T)) < 16 ? N * static_cast<int>(sizeof(T)) : 16;
-  constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
-  struct alignas(kBytes) Piece {
-    T v[kPer];
-  };
-#pragma unroll
-  for (int i = 0; i < N / kPer; ++i) {
-    const Piece piece = reinterpret_cast<const Piece*>(p)[i];
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) out[i * kPer + j] = piece.v[j];
-  }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vector(T* p, const T (&in)[N]) {
-  constexpr int kBytes = N * static_cast<int>(sizeof(T)) < 16 ? N * static_cast<int>(sizeof(T)) : 16;
-  constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
-  struct alignas(kBytes) Piece {
-    T v[kPer];
-  };
-#pragma unroll
-  for (int i = 0; i < N / kPer; ++i) {
-    Piece piece;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) piece.v[j] = in[i * kPer + j];
-    reinterpret_cast<Piece*>(p)[i] = piece;
-  }
-}
-
 // Adds 1 to hist[bin] for every lane with `valid`; lanes with the same bin add once together.
 // Every lane of the warp must call it (loops keep warps converged; `valid` masks the tail).
 __device__ __forceinline__ void warp_histogram_add(unsigned* hist, uint32_t bin, bool valid) {
@@ -431,69 +399,6 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(T* data, MaskArgs args) 
       } else {
         for (int i = 0; i < count; ++i) out[i] = (keep >> i) & 1u;
       }
-    }
-  }
-}
-
-// ------------------------------------------------------------------------- mask format ops
-// bool[numel] -> bits, one thread per 32 flags (one 32-bit output word).
-__global__ void __launch_bounds__(kThreads) pack_kernel(const bool* mask, int64_t numel, uint8_t* packed) {
-  const int64_t num_words = (numel + 31) / 32;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < num_words; w += stride) {
-    const int64_t e0 = w * 32;
-    const int count = numel - e0 < 32 ? static_cast<int>(numel - e0) : 32;
-    uint32_t bits = 0;
-    if (count == 32) {
-      uint32_t words[8];
-      load_vector(reinterpret_cast<const uint32_t*>(mask + e0), words);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t x = words[i];
-        bits |= ((x & 1u) | ((x >> 7) & 2u) | ((x >> 14) & 4u) | ((x >> 21) & 8u)) << (4 * i);
-      }
-      reinterpret_cast<uint32_t*>(packed)[w] = bits;
-    } else {
-      for (int i = 0; i < count; ++i) bits |= static_cast<uint32_t>(mask[e0 + i]) << i;
-      for (int i = 0; i < (count + 7) / 8; ++i) packed[e0 / 8 + i] = static_cast<uint8_t>(bits >> (8 * i));
-    }
-  }
-}
-
-// bits -> bool[numel], one thread per 32 flags.
-__global__ void __launch_bounds__(kThreads) unpack_kernel(const uint8_t* packed, int64_t numel, bool* mask) {
-  const int64_t num_words = (numel + 31) / 32;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < num_words; w += stride) {
-    const int64_t e0 = w * 32;
-    const int count = numel - e0 < 32 ? static_cast<int>(numel - e0) : 32;
-    if (count == 32) {
-      const uint32_t bits = reinterpret_cast<const uint32_t*>(packed)[w];
-      uint32_t words[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t nibble = (bits >> (4 * i)) & 0xFu;
-        words[i] = (nibble & 1u) | ((nibble & 2u) << 7) | ((nibble & 4u) << 14) | ((nibble & 8u) << 21);
-      }
-      store_vector(reinterpret_cast<uint32_t*>(mask + e0), words);
-    } else {
-      for (int i = 0; i < count; ++i) mask[e0 + i] = (packed[(e0 + i) / 8] >> ((e0 + i) % 8)) & 1u;
-    }
-  }
-}
-
-// data[i] = 0 where the mask (bool, or packed bits) is 0; contiguous data, one thread per 32 elements.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    apply_mask_kernel(T* data, int64_t numel, const bool* mask, const uint8_t* packed) {
-  const int64_t num_words = (numel + 31) / 32;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < num_words; w += stride) {
-    const int64_t e0 = w * 32;
-    const int count = numel - e0 < 32 ? static_cast<int>(numel - e0) : 32;
-    for (int i = 0; i < count; ++i) {
-      const bool keep = packed != nullptr ? (packed[(e0 + i) / 8] >> ((e0 + i) % 8)) & 1u : mask[e0 + i];
-      if (!keep) data[e0 + i] = T{};
     }
   }
 }

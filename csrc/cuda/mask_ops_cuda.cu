@@ -1,5 +1,5 @@
 // CUDA launchers of the mask-format ops: pack_mask, unpack_mask, apply_mask_ (kernels:
-// mask_kernels.cuh). Each thread owns 32 flags = one 32-bit word of packed bits.
+// mask_format_kernels.cuh). Each thread owns 32 flags = one 32-bit word of packed bits.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -7,7 +7,7 @@
 
 #include "common/op_args.h"
 #include "cuda/launch.h"
-#include "cuda/mask_kernels.cuh"
+#include "cuda/mask_format_kernels.cuh"
 
 namespace sparsity_ext {
 namespace {

@@ -266,7 +266,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
         byte = _sum(keep << bits, 2).to(tl.uint8)
         tl.store(out_ptr + tile_rows * (W // 8) + byte_cols, byte, mask=(tile_rows < H) & (byte_cols * 8 < W))
     else:
-        tl.store(out_ptr + rows * W + cols, keep.to(tl.uint8), mask=in_range)
+        tl.store(out_ptr + rows * W + cols, keep != 0, mask=in_range)
 
 
 # ------------------------------------------------------------------------------ mask format ops
@@ -306,7 +306,7 @@ def _unpack_mask_kernel(packed_ptr, out_ptr, numel, BLOCK_BYTES: tl.constexpr):
     bits = tl.arange(0, 8)
     flat = byte[:, None] * 8 + bits[None, :]
     packed = tl.load(packed_ptr + byte, mask=byte * 8 < numel, other=0).to(tl.int32)
-    tl.store(out_ptr + flat, ((packed[:, None] >> bits[None, :]) & 1).to(tl.uint8), mask=flat < numel)
+    tl.store(out_ptr + flat, ((packed[:, None] >> bits[None, :]) & 1) != 0, mask=flat < numel)
 
 
 INTERPRETED = isinstance(_block_scores_kernel, InterpretedFunction)

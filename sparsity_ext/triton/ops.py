@@ -6,6 +6,10 @@ select_threshold are torch.library.custom_op: their scoring kernel must be launc
 enable_fp_fusion=False for bit-exact scores, a launch option that torch.compile's tracing of a
 triton_op would not carry. The other ops are torch.library.triton_op (compile sees their kernels).
 Every op has a fake (shape-only) implementation.
+
+Bool masks reach the kernels as bool tensors (triton loads and stores a bool pointer's elements as
+bytes): a bool -> uint8 .view() in a triton_op body would be an aten.view.dtype that inductor
+cannot lower.
 """
 from __future__ import annotations
 
@@ -125,7 +129,7 @@ def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, p
     kernel, config = kernels.block_norm_mask()
     launch(kernel)[
         lambda meta: (triton.cdiv(h, meta["TILE_R"]) * triton.cdiv(triton.cdiv(w, 8), meta["TILE_BYTES"]),)](
-        x, out.view(torch.uint8), keys, tie_rank, threshold, state, h, w, x.stride(0), x.stride(1),
+        x, out, keys, tie_rank, threshold, state, h, w, x.stride(0), x.stride(1),
         triton.cdiv(w, bw), zeros_per_block, _tune_key(h, w), BH=bh, BW=bw, NORM=norm, SELECT=select,
         RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **config)
 
@@ -226,7 +230,7 @@ def _apply(x: torch.Tensor, mask: torch.Tensor, launch) -> None:
     tile_c = min(512, triton.next_power_of_2(w))
     tile_r = min(triton.next_power_of_2(h), max(1, 2048 // tile_c))
     launch(kernels._apply_mask_kernel)[(triton.cdiv(h, tile_r) * triton.cdiv(w, tile_c),)](
-        x, mask.view(torch.uint8), h, w, x.stride(0), x.stride(1),
+        x, mask, h, w, x.stride(0), x.stride(1),
         PACKED=mask.dtype == torch.uint8, TILE_R=tile_r, TILE_C=tile_c)
 
 
@@ -250,7 +254,7 @@ def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> None:
 def _pack(mask: torch.Tensor, out: torch.Tensor, launch) -> None:
     num_bytes = out.numel()
     launch(kernels._pack_mask_kernel)[(triton.cdiv(num_bytes, _PACK_BLOCK_BYTES),)](
-        mask.view(torch.uint8), out, mask.numel(), num_bytes, BLOCK_BYTES=_PACK_BLOCK_BYTES)
+        mask, out, mask.numel(), num_bytes, BLOCK_BYTES=_PACK_BLOCK_BYTES)
 
 
 @triton_op(f"{NAMESPACE}::pack_mask", mutates_args=())
@@ -271,7 +275,7 @@ def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     if out.numel() > 0:
         launch = _launchable(kernels._unpack_mask_kernel)
         launch[(triton.cdiv(packed.numel(), _PACK_BLOCK_BYTES),)](
-            packed, out.view(torch.uint8), out.numel(), BLOCK_BYTES=_PACK_BLOCK_BYTES)
+            packed, out, out.numel(), BLOCK_BYTES=_PACK_BLOCK_BYTES)
     return out
 
 

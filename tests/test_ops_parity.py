@@ -1,0 +1,251 @@
+"""Compiled kernels (C++ CPU, CUDA) against the pure-torch reference: masks, zeroed data, thresholds.
+
+Every comparison is exact (torch.equal, or equal bit patterns for data that may hold NaN). The reference
+itself is checked against torch.ao.pruning elsewhere; here each backend must reproduce it bit for bit,
+ties, NaN, -0.0, partial blocks and strided inputs included.
+"""
+import random
+
+import pytest
+import torch
+
+import sparsity_ext
+from sparsity_ext import ops, reference
+from conftest import HAS_CUDA, backend_available, cuda_only, tie_free
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (backend, device) pairs that run here; the CUDA ones only where a GPU and the CUDA kernels are.
+BACKENDS = [pytest.param(name, device, id=f"{name}-{device}",
+                         marks=[cuda_only] if device == "cuda" else [])
+            for name, device in (("cpu", "cpu"), ("cuda", "cuda"))]
+ALL_BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu")] + BACKENDS
+
+
+def _require(backend: str, device: str) -> None:
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if not backend_available(backend, device):
+        pytest.skip(f"backend {backend!r} is not built for {device}")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of a float tensor (so NaN payloads and the sign of zero compare exactly)."""
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+def _data(shape, dtype, device, seed, kind):
+    """Seeded test data. kind: 'tie_free', or 'ties' (few distinct values, with -0.0, +-inf and NaN)."""
+    if kind == "tie_free":
+        return tie_free(shape, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=g).to(torch.float32) * 0.5
+    flat = x.view(-1)
+    if flat.numel():
+        u = torch.rand(flat.numel(), generator=g)
+        flat[u < 0.10] = -0.0
+        flat[(u >= 0.10) & (u < 0.14)] = float("nan")
+        flat[(u >= 0.14) & (u < 0.16)] = float("inf")
+        flat[(u >= 0.16) & (u < 0.18)] = -float("inf")
+    return x.to(dtype=dtype, device=device)
+
+
+# Layouts the kernels must read: contiguous, a column slice (row stride > cols), a transpose (copied).
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return x
+    if layout == "column_slice":
+        wide = torch.zeros(x.shape[0], x.shape[1] + 5, dtype=x.dtype, device=x.device)
+        wide[:, 2:2 + x.shape[1]] = x
+        return wide[:, 2:2 + x.shape[1]]
+    return x.t().contiguous().t()  # transposed storage
+
+
+SHAPES = [(1, 1), (1, 37), (7, 13), (33, 65), (64, 128), (40, 96), (0, 8), (5, 0)]
+BLOCKS = [(1, 1), (1, 4), (1, 8), (2, 2), (3, 5), (4, 4), (1, 33), (8, 8), (40, 3)]
+LEVELS = [0.0, 0.3, 0.5, 0.8, 1.0]
+
+
+def _configs(seed: int, count: int):
+    """A seeded sample of (block_shape, zeros_per_block, sparsity_level, norm, packed)."""
+    rng = random.Random(seed)
+    all_configs = []
+    for block in BLOCKS:
+        size = block[0] * block[1]
+        for zeros in sorted({0, 1, size // 2, max(size - 1, 0), size}):
+            for level in LEVELS:
+                for norm in (0, 1, 2):
+                    all_configs.append((block, zeros, level, norm, rng.random() < 0.5))
+    return rng.sample(all_configs, count)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["ties", "tie_free"])
+def test_block_norm_mask_matches_reference(backend, device, dtype, shape, kind):
+    _require(backend, device)
+    data = _data(shape, dtype, device, seed=shape[0] * 1000 + shape[1] + (kind == "ties"), kind=kind)
+    for block, zeros, level, norm, packed in _configs(seed=len(shape) + shape[0] * 7 + shape[1], count=80):
+        expected = reference.block_norm_mask(data, level, block, zeros, norm, packed)
+        with sparsity_ext.use_backend(backend):
+            got = ops.block_norm_mask(data, level, block, zeros, norm, packed)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (block, zeros, level, norm, packed)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice", "transposed"])
+@pytest.mark.parametrize("shape", [(7, 13), (33, 64), (64, 96)], ids=str)
+def test_block_norm_mask_apply_matches_reference(backend, device, dtype, layout, shape):
+    _require(backend, device)
+    base = _data(shape, dtype, device, seed=3, kind="ties")
+    for block, zeros, level, norm, packed in _configs(seed=11, count=30):
+        expected_data = base.clone()
+        expected = reference.block_norm_mask_apply_(expected_data, level, block, zeros, norm, packed)
+        data = _layout(base.clone(), layout)
+        with sparsity_ext.use_backend(backend):
+            got = ops.block_norm_mask_apply_(data, level, block, zeros, norm, packed)
+            unchanged = ops.block_norm_mask(_layout(base.clone(), layout), level, block, zeros, norm, packed)
+        config = (block, zeros, level, norm, packed)
+        assert torch.equal(got, expected), config
+        assert torch.equal(unchanged, expected), config
+        assert torch.equal(_bits(data.contiguous()), _bits(expected_data)), config
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(37,), (3, 30), (64, 128), (2, 3, 16), (1, 256), (0, 4)], ids=str)
+def test_nm_mask_matches_reference(backend, device, dtype, shape):
+    _require(backend, device)
+    data = _data(shape, dtype, device, seed=5, kind="ties")
+    rows = data.reshape(-1, shape[-1])
+    for n, m in [(2, 4), (1, 4), (4, 8), (0, 4), (4, 4), (3, 5), (2, 64), (1, 1)]:
+        expected = reference.nm_mask(rows, n, m).view(shape)
+        with sparsity_ext.use_backend(backend):
+            got = ops.nm_mask(data, n, m)
+        assert torch.equal(got, expected), (n, m)
+
+
+def _brute_force_tie_rank(values: torch.Tensor, kth: torch.Tensor, k: int) -> int:
+    if kth.isnan():
+        return k - int((~values.isnan()).sum())
+    return k - int((values < kth).sum())
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,kind", [(1, "ties"), (17, "ties"), (1000, "ties"), (1000, "tie_free"),
+                                    (100_003, "ties")])
+def test_select_threshold(backend, device, dtype, n, kind):
+    _require(backend, device)
+    values = _data((n,), dtype, device, seed=n, kind=kind)
+    for k in sorted(k for k in {1, 2, n // 3 + 1, n // 2, n - 1, n} if 1 <= k <= n):
+        with sparsity_ext.use_backend(backend):
+            value, tie_rank = ops.select_threshold(values, k)
+        expected_value, expected_rank = reference.select_threshold(values, k)
+        kth = torch.kthvalue(values.float().cpu(), k).values.to(dtype)
+        assert value.dtype == dtype and value.shape == () and tie_rank.dtype == torch.int64
+        if kth.isnan():
+            assert value.isnan(), k
+        else:
+            assert value.cpu() == kth, k
+            assert torch.equal(_bits(value.cpu()), _bits(expected_value.cpu())), k  # -0.0 reported as +0.0
+        assert int(tie_rank) == int(expected_rank) == _brute_force_tie_rank(values.cpu(), value.cpu(), k), k
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 11), (64, 33), (0,), (2, 0, 3)], ids=str)
+def test_mask_format_ops(backend, device, shape):
+    _require(backend, device)
+    g = torch.Generator().manual_seed(7)
+    mask = (torch.rand(shape, generator=g) < 0.6).to(device)
+    data = torch.randn(shape, generator=g).to(device)
+    with sparsity_ext.use_backend(backend):
+        packed = ops.pack_mask(mask)
+        unpacked = ops.unpack_mask(packed, shape)
+        zeroed_bool = ops.apply_mask_(data.clone(), mask)
+        zeroed_packed = ops.apply_mask_(data.clone(), packed)
+    assert torch.equal(packed, reference.pack_mask(mask))
+    assert torch.equal(unpacked, mask)
+    expected = reference.apply_mask_(data.clone(), mask)
+    assert torch.equal(zeroed_bool, expected) and torch.equal(zeroed_packed, expected)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape,block,fill", [((1000, 400), (1, 4), 1.0), ((1, 100_003), (1, 8), -2.0),
+                                              ((300, 300), (3, 3), float("nan"))], ids=str)
+@pytest.mark.parametrize("level", [0.25, 0.5, 0.999])
+def test_ties_at_the_threshold_go_to_lower_block_indices(backend, device, shape, block, fill, level):
+    """Every block scores the same: the k selected blocks are the first k, across many chunks/tiles."""
+    _require(backend, device)
+    data = torch.full(shape, fill, device=device)
+    data[-1, -1] = 5.0  # one larger block at the end
+    with sparsity_ext.use_backend(backend):
+        got = ops.block_norm_mask(data, level, block, block[0] * block[1], 2)
+        got_partial = ops.block_norm_mask(data, level, block, 1, 1, packed=True)
+    assert torch.equal(got, reference.block_norm_mask(data, level, block, block[0] * block[1], 2))
+    assert torch.equal(got_partial, reference.block_norm_mask(data, level, block, 1, 1, packed=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ten_million_elements(backend, device):
+    """One 10^7+ element case per kernel path: DataNorm-like (1, 4) whole blocks, 2:4, and the threshold."""
+    _require(backend, device)
+    data = torch.randn(2500, 4096, generator=torch.Generator().manual_seed(0)).to(device)
+    with sparsity_ext.use_backend(backend):
+        got = ops.block_norm_mask(data, 0.8, (1, 4), 4, 1, packed=True)
+        got_nm = ops.nm_mask(data, 2, 4)
+        value, tie_rank = ops.select_threshold(data.view(-1), 5_000_000)
+    assert torch.equal(got, reference.block_norm_mask(data, 0.8, (1, 4), 4, 1, packed=True))
+    assert torch.equal(got_nm, reference.nm_mask(data, 2, 4))
+    assert value.cpu() == torch.kthvalue(data.view(-1).cpu(), 5_000_000).values
+    assert int(tie_rank) == _brute_force_tie_rank(data.view(-1).cpu(), value.cpu(), 5_000_000)
+
+
+# --------------------------------------------------------------------------------- bad input
+# The C++ ops check their arguments themselves (callers may bypass sparsity_ext.ops), before any
+# kernel runs, naming the op and the argument.
+BAD_CALLS = [
+    ("block_norm_mask", lambda x: (x.double(), 0.5, [1, 4], 4, 1, False), "data must be float32"),
+    ("block_norm_mask", lambda x: (x.view(-1), 0.5, [1, 4], 4, 1, False), "data must be 2-D"),
+    ("block_norm_mask", lambda x: (x, 0.5, [0, 4], 4, 1, False), "block_shape"),
+    ("block_norm_mask", lambda x: (x, 0.5, [1, 4, 1], 4, 1, False), "block_shape"),
+    ("block_norm_mask", lambda x: (x, 0.5, [1, 4], 5, 1, False), "zeros_per_block"),
+    ("block_norm_mask", lambda x: (x, 0.5, [1, 4], -1, 1, False), "zeros_per_block"),
+    ("block_norm_mask", lambda x: (x, 0.5, [1, 4], 4, 3, False), "norm"),
+    ("block_norm_mask", lambda x: (x, 1.5, [1, 4], 4, 1, False), "sparsity_level"),
+    ("block_norm_mask_apply_", lambda x: (x, -0.1, [1, 4], 4, 1, False), "sparsity_level"),
+    ("block_norm_mask_apply_", lambda x: (x.int(), 0.5, [1, 4], 4, 1, False), "data must be float32"),
+    ("nm_mask", lambda x: (x, 5, 4), "nm_mask"),
+    ("nm_mask", lambda x: (x, 1, 0), "nm_mask"),
+    ("select_threshold", lambda x: (x.view(-1), 0), "k must be in"),
+    ("select_threshold", lambda x: (x.view(-1), x.numel() + 1), "k must be in"),
+    ("select_threshold", lambda x: (x, 1), "values must be 1-D"),
+    ("apply_mask_", lambda x: (x, torch.ones(3, 3, dtype=torch.bool, device=x.device)), "mask shape"),
+    ("apply_mask_", lambda x: (x, torch.ones(8, 8, dtype=torch.int32, device=x.device)), "mask must be bool"),
+    ("pack_mask", lambda x: (x,), "mask must be bool"),
+    ("unpack_mask", lambda x: (torch.zeros(3, dtype=torch.uint8, device=x.device), [8, 8]), "needs"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("op,make_args,message", BAD_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_kernels_reject_bad_arguments(device, op, make_args, message):
+    backend = "cpu" if device == "cpu" else "cuda"
+    _require(backend, device)
+    x = torch.randn(8, 8, device=device)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.sparsity_ext, op)(*make_args(x))
+    assert torch.equal(x, before)
+
+
+@cuda_only
+def test_cuda_kernels_reject_a_mask_on_another_device():
+    _require("cuda", "cuda")
+    data = torch.randn(8, 8, device="cuda")
+    before = data.clone()
+    with pytest.raises(RuntimeError, match="same CUDA device"):
+        torch.ops.sparsity_ext.apply_mask_(data, torch.ones(8, 8, dtype=torch.bool))
+    assert torch.equal(data, before)

@@ -26,8 +26,9 @@ TORCH_LIBRARY(sparsity_ext, m) {
   // k-th smallest (1-based) of a 1-D float tensor, NaN largest; returns (value, tie_rank): the k
   // smallest are every x < value plus the first tie_rank elements equal to value, by index.
   m.def("select_threshold(Tensor values, int k) -> (Tensor, Tensor)");
-  // data[i] = 0 where mask[i] is false; mask is bool of data's shape or packed uint8 bits.
-  m.def("apply_mask_(Tensor(a!) data, Tensor mask) -> Tensor(a!)");
+  // data[i] = 0 where mask[i] is false; mask is bool of data's shape or packed uint8 bits. Returns
+  // nothing: torch.compile cannot functionalize a custom op whose output aliases an input.
+  m.def("apply_mask_(Tensor(a!) data, Tensor mask) -> ()");
   // bool mask (any shape) -> uint8[ceil(numel/8)], row-major, bit i of byte j = element 8j+i.
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor packed, int[] shape) -> Tensor");

@@ -169,7 +169,8 @@ def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                              f"{tuple(data.shape)}, got shape {tuple(mask.shape)}")
     else:
         raise TypeError(f"{op}: mask must be bool or packed uint8, got {mask.dtype}")
-    return _run(op, data, data, mask)
+    _run(op, data, data, mask)  # the compiled op returns nothing: an aliased output cannot be functionalized
+    return data
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ void apply_mask_kernel(scalar_t* data, const at::Tensor& mask, int64_t numel) {
   }
 }
 
-at::Tensor& apply_mask__cpu(at::Tensor& data, const at::Tensor& mask) {
+void apply_mask__cpu(at::Tensor& data, const at::Tensor& mask) {
   const bool packed = mask.scalar_type() == at::kByte;
   TORCH_CHECK(packed || mask.scalar_type() == at::kBool, "apply_mask_: mask must be bool or packed uint8, got ",
               mask.scalar_type());
@@ -75,7 +75,6 @@ at::Tensor& apply_mask__cpu(at::Tensor& data, const at::Tensor& mask) {
     apply_mask_kernel<scalar_t>(work.data_ptr<scalar_t>(), mask_c, work.numel());
   });
   if (!work.is_same(data)) data.copy_(work);
-  return data;
 }
 
 }  // namespace

@@ -52,7 +52,7 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, at::IntArrayRef shape) {
   return mask;
 }
 
-at::Tensor& apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
+void apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
   TORCH_CHECK(data.is_cuda() && mask.is_cuda() && data.device() == mask.device(),
               "apply_mask_: data and mask must be on the same CUDA device, got ", data.device(), " and ",
               mask.device());
@@ -62,7 +62,7 @@ at::Tensor& apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
   TORCH_CHECK(packed ? mask.numel() == (data.numel() + 7) / 8 : mask.sizes() == data.sizes(),
               "apply_mask_: mask shape ", mask.sizes(), " does not fit data shape ", data.sizes());
   const c10::cuda::OptionalCUDAGuard device_guard(data.device());
-  if (data.numel() == 0) return data;
+  if (data.numel() == 0) return;
   at::Tensor work = data.contiguous();
   const at::Tensor mask_c = mask.contiguous();
   const cudaStream_t stream = cuda::current_stream();
@@ -74,7 +74,6 @@ at::Tensor& apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!work.is_same(data)) data.copy_(work);
-  return data;
 }
 
 }  // namespace

@@ -2,16 +2,19 @@
 // the kernels themselves (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m); csrc/cuda/*.cu:
 // TORCH_LIBRARY_IMPL(sparsity_ext, CUDA, m)); fake (meta) impls live in sparsity_ext/_fake.py.
 // The contract of each op is DESIGN.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
-#include <Python.h>
 #include <torch/library.h>
 
 // Importing sparsity_ext._C only has to run the static registrations below; no per-op Python glue.
+// C++-only builds (CMake option SPARSITY_EXT_PYTHON_MODULE=OFF) leave the module stub out.
+#ifndef SPARSITY_EXT_NO_PYTHON_MODULE
+#include <Python.h>
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(sparsity_ext, m) {
   // data: 2-D floating tensor (the Python wrapper views 1-D data as one row). norm: 0 identity,

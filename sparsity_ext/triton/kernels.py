@@ -18,10 +18,12 @@ import triton.language as tl
 from triton.language.standard import _sum_combine
 from triton.runtime.interpreter import InterpretedFunction
 
-# Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
-# The first digit's histogram is built by _block_scores_kernel; the other two by _radix_histogram_kernel.
-RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits)
-RADIX_BINS = 1 << 11
+# Radix select over 32-bit keys: six digits of 6, 6, 5, 5, 5 and 5 bits, most significant first.
+# Small digits keep tl.histogram cheap: triton 3.6 lowers it to warp ballots whose cost per key grows
+# with the number of bins (2048 bins cost ~30 instructions per key, far more than reading the key).
+# Only the first two passes read every key; the later ones read the few candidates left.
+RADIX_DIGITS = ((26, 6), (20, 6), (15, 5), (10, 5), (5, 5), (0, 5))  # (shift, bits)
+RADIX_BINS = 1 << 6
 
 # Selection modes of _block_norm_mask_kernel.
 SELECT_NONE, SELECT_ALL, SELECT_BY_KEY = 0, 1, 2
@@ -62,26 +64,21 @@ def _score_key(score):
 
 
 @triton.jit
-def _add_histogram(hist_ptr, digit, counted, NBINS: tl.constexpr):
-    """hist[d] += #{lanes i : counted[i] and digit[i] == d} for d in [0, NBINS); digit in [0, NBINS).
+def _flush_histogram(hist_ptr, local, NBINS: tl.constexpr):
+    """hist[d] += local[d]: one relaxed atomic per non-empty bin, once per program.
 
-    The counts of one program are built in registers (tl.histogram), then added with one relaxed
-    atomic per non-empty bin. Uncounted lanes are binned at 0 and subtracted (tl.histogram's mask
-    argument is not in every triton 3.x).
+    Programs count in registers (tl.histogram, summed over every tile they process) and flush once at
+    the end, so the global atomics are (programs x non-empty bins), not one per tile or per key.
     """
-    local = tl.histogram(tl.where(counted, digit, 0), NBINS)
-    bins = tl.arange(0, NBINS)
-    local = local - tl.where(bins == 0, _sum((~counted).to(tl.int32), 0), 0)
-    tl.atomic_add(hist_ptr + bins, local.to(tl.int64), mask=local > 0, sem="relaxed")
+    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), local.to(tl.int64), mask=local > 0, sem="relaxed")
 
 
 @triton.jit
-def _tile_2d(num_cols, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
-    """(rows [TILE_R, 1], cols [1, TILE_C]) int64 indices of this program's tile (row-major tile order)."""
-    pid = tl.program_id(0)
+def _tile_2d(tile, num_cols, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+    """(rows [TILE_R, 1], cols [1, TILE_C]) int64 indices of tile number `tile` (row-major tile order)."""
     n_col_tiles = (num_cols + TILE_C - 1) // TILE_C
-    tile_r = pid // n_col_tiles
-    tile_c = pid - tile_r * n_col_tiles
+    tile_r = tile // n_col_tiles
+    tile_c = tile - tile_r * n_col_tiles
     rows = tile_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
     cols = tile_c.to(tl.int64) * TILE_C + tl.arange(0, TILE_C)
     return rows[:, None], cols[None, :]
@@ -102,58 +99,103 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
     contracted into an FMA) and the division is IEEE round-to-nearest (div_rn).
         keys[b] = _score_key(score(i, j))            (stored as int32 bits)
         hist[d] += #{b : keys[b] >> DIGIT_SHIFT == d}
-    Each program scores a TILE_R x TILE_C tile of blocks, one thread per block.
+    The blocks are cut into TILE_R x TILE_C tiles, one thread per block; each program scores the tiles
+    pid, pid + programs, ... (a persistent grid), so its histogram is flushed once.
     """
-    bi, bj = _tile_2d(nbw, TILE_R, TILE_C)
-    in_range = (bi < nbh) & (bj < nbw)
-    row0 = bi * BH
-    col0 = bj * BW
-    acc = tl.full([TILE_R, TILE_C], 0, dtype=tl.float32)
-    for r in range(BH):
-        for c in range(BW):
-            valid = in_range & (row0 + r < H) & (col0 + c < W)
-            x = tl.load(x_ptr + (row0 + r) * stride_h + (col0 + c) * stride_w, mask=valid, other=0.0)
-            acc = tl.where(valid, acc + _element_norm(x, NORM), acc)
-    count = tl.maximum(tl.minimum(H - row0, BH) * tl.minimum(W - col0, BW), 1)  # >= 1: tiles overhang
-    key = _score_key(tl.math.div_rn(acc, count.to(tl.float32)))
-    tl.store(keys_ptr + bi * nbw + bj, key.to(tl.int32, bitcast=True), mask=in_range)
-    digit = (key >> DIGIT_SHIFT).to(tl.int32)
-    _add_histogram(hist_ptr, tl.reshape(digit, [TILE_R * TILE_C]), tl.reshape(in_range, [TILE_R * TILE_C]), NBINS)
+    num_tiles = ((nbh + TILE_R - 1) // TILE_R) * ((nbw + TILE_C - 1) // TILE_C)
+    local = tl.full([NBINS], 0, dtype=tl.int32)
+    outside = tl.program_id(0) * 0  # tile slots past the last block, binned at 0 by the histogram
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        bi, bj = _tile_2d(tile, nbw, TILE_R, TILE_C)
+        in_range = (bi < nbh) & (bj < nbw)
+        row0 = bi * BH
+        col0 = bj * BW
+        acc = tl.full([TILE_R, TILE_C], 0, dtype=tl.float32)
+        for r in range(BH):
+            for c in range(BW):
+                valid = in_range & (row0 + r < H) & (col0 + c < W)
+                x = tl.load(x_ptr + (row0 + r) * stride_h + (col0 + c) * stride_w, mask=valid, other=0.0)
+                acc = tl.where(valid, acc + _element_norm(x, NORM), acc)
+        count = tl.maximum(tl.minimum(H - row0, BH) * tl.minimum(W - col0, BW), 1)  # >= 1: tiles overhang
+        key = _score_key(tl.math.div_rn(acc, count.to(tl.float32)))
+        tl.store(keys_ptr + bi * nbw + bj, key.to(tl.int32, bitcast=True), mask=in_range)
+        counted = tl.reshape(in_range, [TILE_R * TILE_C])
+        digit = tl.reshape((key >> DIGIT_SHIFT).to(tl.int32), [TILE_R * TILE_C])
+        local += tl.histogram(tl.where(counted, digit, 0), NBINS)
+        outside += _sum((~counted).to(tl.int32), 0)
+    _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, outside, 0), NBINS)
 
 
 @triton.jit
-def _radix_histogram_kernel(src_ptr, count_ptr, prefix_ptr, hist_ptr, dst_ptr, dst_count_ptr,
-                            PREFIX_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr,
-                            COMPACT: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram of one radix digit over the keys that still are candidates.
+def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_ptr, prefix_ptr, hist_ptr,
+                            num_keys, seg_len, PREFIX_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr,
+                            NBINS: tl.constexpr, FIRST: tl.constexpr, FROM_VALUES: tl.constexpr,
+                            COMPACT: tl.constexpr, TRACK_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of one radix digit over the keys that still are candidates, compacting them.
 
-    src[0 : count] holds the keys to look at (count is read from count_ptr, on the device). With
-    p = prefix (the digits above this one, already chosen; lower bits 0), the candidates are
-        C = {i < count : src[i] >> PREFIX_SHIFT == p >> PREFIX_SHIFT}
-        hist[d] += #{i in C : (src[i] >> DIGIT_SHIFT) & (NBINS - 1) == d}
-    With COMPACT, the keys of C are also appended to dst (in no particular order; dst_count counts
-    them), so that the next digit's pass reads only them instead of every key.
+    Program p owns the segment [s_p, s_p + seg_len) of the key indices (s_p = p * seg_len) and reads
+      FIRST:  every key of its segment, from src (int32 keys; with FROM_VALUES raw values v, whose key
+              is _score_key(fp32(v))), key i at src[i];
+      else:   the c_p = seg_counts[p] candidates the previous pass kept, at cand_keys[s_p : s_p + c_p].
+    With p = prefix (the digits above this one, already chosen; lower bits 0), the candidates are
+        C = {keys read : key >> PREFIX_SHIFT == p >> PREFIX_SHIFT}      (every key read if PREFIX_SHIFT == 32)
+        hist[d] += #{key in C : (key >> DIGIT_SHIFT) & (NBINS - 1) == d}
+    COMPACT writes the keys of C, in the order read (index order), to cand_keys[s_p : s_p + |C|] (with
+    TRACK_INDEX their key index i to cand_index alike) and |C| to seg_counts[p], so the next pass reads
+    only them. It may compact in place (src or cand_keys being what it reads): a key read at position q
+    is written at a position <= q, after a barrier that follows every load of the tile.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < tl.load(count_ptr)
-    key = tl.load(src_ptr + offs, mask=in_range, other=0).to(tl.uint32, bitcast=True)
+    pid = tl.program_id(0)
+    seg_start = pid.to(tl.int64) * seg_len
+    if FIRST:
+        count = tl.minimum(num_keys - seg_start, seg_len).to(tl.int64)
+    else:
+        count = tl.load(seg_counts_ptr + pid)
     prefix = tl.load(prefix_ptr).to(tl.uint32, bitcast=True)
-    candidate = in_range & ((key >> PREFIX_SHIFT) == (prefix >> PREFIX_SHIFT))
-    digit = ((key >> DIGIT_SHIFT) & (NBINS - 1)).to(tl.int32)
-    _add_histogram(hist_ptr, digit, candidate, NBINS)
+    local = tl.full([NBINS], 0, dtype=tl.int32)
+    others = count * 0  # keys read that are no candidates, binned at 0 by the histogram
+    written = count * 0
+    for start in range(0, count, BLOCK):
+        lane = start + tl.arange(0, BLOCK)
+        in_range = lane < count
+        offs = seg_start + lane
+        if FIRST:
+            if FROM_VALUES:
+                key = _score_key(tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32))
+            else:
+                key = tl.load(src_ptr + offs, mask=in_range, other=0).to(tl.uint32, bitcast=True)
+        else:
+            key = tl.load(cand_keys_ptr + offs, mask=in_range, other=0).to(tl.uint32, bitcast=True)
+        if PREFIX_SHIFT == 32:
+            candidate = in_range
+        else:
+            candidate = in_range & ((key >> PREFIX_SHIFT) == (prefix >> PREFIX_SHIFT))
+        digit = ((key >> DIGIT_SHIFT) & (NBINS - 1)).to(tl.int32)
+        local += tl.histogram(tl.where(candidate, digit, 0), NBINS)
+        others += _sum((~candidate).to(tl.int32), 0)
+        if COMPACT:
+            if TRACK_INDEX:
+                if FIRST:
+                    index = offs
+                else:
+                    index = tl.load(cand_index_ptr + offs, mask=candidate, other=0)
+            tl.debug_barrier()  # every load of the tile precedes every store (in-place compaction)
+            flag = candidate.to(tl.int32)
+            slot = seg_start + written + (tl.associative_scan(flag, 0, _sum_combine) - flag)
+            tl.store(cand_keys_ptr + slot, key.to(tl.int32, bitcast=True), mask=candidate)
+            if TRACK_INDEX:
+                tl.store(cand_index_ptr + slot, index.to(cand_index_ptr.dtype.element_ty), mask=candidate)
+            written += _sum(flag, 0)
     if COMPACT:
-        flag = candidate.to(tl.int32)
-        found = _sum(flag, 0)
-        start = tl.atomic_add(dst_count_ptr, found.to(dst_count_ptr.dtype.element_ty), mask=found > 0, sem="relaxed")
-        slot = start + tl.associative_scan(flag, 0, _sum_combine) - flag
-        tl.store(dst_ptr + slot, key.to(tl.int32, bitcast=True), mask=candidate)
+        tl.store(seg_counts_ptr + pid, written)
+    _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, others, 0).to(tl.int32), NBINS)
 
 
 @triton.jit
 def _radix_pick_kernel(hist_ptr, prefix_ptr, state_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
     """Choose the digit of the remaining-th smallest candidate (one program).
 
-    state = [remaining, ties]. With cum(d) = sum_{e <= d} hist[e] and m = remaining (1-based rank
+    state = [remaining, ties, ...]. With cum(d) = sum_{e <= d} hist[e] and m = remaining (1-based rank
     among the candidates):
         d* = #{d : cum(d) < m}          (the first digit whose cumulative count reaches m)
         prefix    |= d* << DIGIT_SHIFT
@@ -174,37 +216,60 @@ def _radix_pick_kernel(hist_ptr, prefix_ptr, state_ptr, DIGIT_SHIFT: tl.constexp
 
 
 @triton.jit
-def _tie_count_kernel(keys_ptr, threshold_ptr, state_ptr, chunk_counts_ptr, num_keys, BLOCK: tl.constexpr):
-    """chunk_counts[p] = #{b in [p * BLOCK, (p + 1) * BLOCK) : keys[b] == T}.
+def _tie_count_kernel(cand_keys_ptr, seg_counts_ptr, threshold_ptr, state_ptr, seg_ties_ptr, seg_len,
+                      BLOCK: tl.constexpr):
+    """seg_ties[p] = #{candidates of segment p (as the last compacting radix pass left them) equal to T}.
 
-    Only needed when the k smallest take some but not all keys equal to T (state: remaining <
-    ties); otherwise the loads are masked off and the pass costs no memory traffic.
+    Every key equal to T is among those candidates. Counted only when the k smallest take some but not
+    all keys equal to T (state: remaining < ties); otherwise nothing is read and seg_ties[p] = 0.
     """
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    # All keys when T's ties split, none otherwise.
-    active = offs < tl.where(tl.load(state_ptr) < tl.load(state_ptr + 1), num_keys, 0)
-    equal = active & (tl.load(keys_ptr + offs, mask=active, other=0) == tl.load(threshold_ptr))
-    tl.store(chunk_counts_ptr + pid, _sum(equal.to(tl.int32), 0))
+    split = tl.load(state_ptr) < tl.load(state_ptr + 1)
+    count = tl.load(seg_counts_ptr + pid, mask=split, other=0)
+    threshold = tl.load(threshold_ptr)
+    seg_start = pid.to(tl.int64) * seg_len
+    ties = count * 0
+    for start in range(0, count, BLOCK):
+        lane = start + tl.arange(0, BLOCK)
+        key = tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0)
+        ties += _sum(((lane < count) & (key == threshold)).to(tl.int32), 0)
+    tl.store(seg_ties_ptr + pid, ties)
 
 
 @triton.jit
-def _tie_rank_kernel(keys_ptr, threshold_ptr, state_ptr, chunk_offsets_ptr, tie_rank_ptr, num_keys,
-                     BLOCK: tl.constexpr):
-    """tie_rank[b] = #{b' <= b : keys[b'] == T} for every b with keys[b] == T (other entries untouched);
-    chunk_offsets[p] = #{b < p * BLOCK : keys[b] == T}. Like _tie_count_kernel, only when T's ties split.
+def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr, threshold_ptr, state_ptr,
+                     num_segments, seg_len, num_keys, SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
+    """state[2] = L, the index of the last key the selection takes among those equal to T (one program).
+
+    When T's ties split (remaining < ties), L is the index of the remaining-th key equal to T in index
+    order: segments are in index order and keep their candidates in index order, so the segment is
+    found from the running sum of seg_ties and the key by a scan of that segment's candidates
+    (their indices come from cand_index). Otherwise every key equal to T is taken: L = num_keys - 1.
+    The k smallest keys are then {b : key[b] < T, or key[b] == T and b <= L}.
     """
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    # All keys when T's ties split, none otherwise.
-    active = offs < tl.where(tl.load(state_ptr) < tl.load(state_ptr + 1), num_keys, 0)
-    equal = active & (tl.load(keys_ptr + offs, mask=active, other=0) == tl.load(threshold_ptr))
-    rank = tl.associative_scan(equal.to(tl.int32), 0, _sum_combine) + tl.load(chunk_offsets_ptr + pid)
-    tl.store(tie_rank_ptr + offs, rank.to(tie_rank_ptr.dtype.element_ty), mask=equal)
+    remaining = tl.load(state_ptr)
+    split = remaining < tl.load(state_ptr + 1)
+    segments = tl.arange(0, SEGMENTS)
+    seg_ties = tl.load(seg_ties_ptr + segments, mask=segments < num_segments, other=0)
+    seg = _sum((tl.associative_scan(seg_ties, 0, _sum_combine) < remaining).to(tl.int32), 0)
+    rank = remaining - _sum(tl.where(segments < seg, seg_ties, 0), 0)  # 1-based, among seg's ties
+    count = tl.load(seg_counts_ptr + seg, mask=split, other=0)
+    threshold = tl.load(threshold_ptr)
+    seg_start = seg.to(tl.int64) * seg_len
+    last = (num_keys - 1).to(tl.int64)
+    seen = count * 0
+    for start in range(0, count, BLOCK):
+        lane = start + tl.arange(0, BLOCK)
+        equal = (lane < count) & (tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0) == threshold)
+        hit = equal & (seen + tl.associative_scan(equal.to(tl.int32), 0, _sum_combine) == rank)
+        index = tl.load(cand_index_ptr + seg_start + lane, mask=hit, other=0).to(tl.int64)
+        last = tl.where(_sum(hit.to(tl.int32), 0) > 0, _sum(tl.where(hit, index, 0), 0), last)
+        seen += _sum(equal.to(tl.int32), 0)
+    tl.store(state_ptr + 2, last)
 
 
 @triton.jit
-def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_ptr, state_ptr,
+def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, threshold_ptr, state_ptr,
                             H, W, stride_h, stride_w, nbw, zeros_per_block, tune_key,
                             BH: tl.constexpr, BW: tl.constexpr, NORM: tl.constexpr, SELECT: tl.constexpr,
                             RANKED: tl.constexpr, PACKED: tl.constexpr, APPLY: tl.constexpr,
@@ -212,9 +277,8 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
     """Mask write: keep[r, c] for the element (r, c) of block b = (r // BH) * nbw + c // BW.
 
         selected(b) = SELECT_NONE: false;  SELECT_ALL: true;
-                      SELECT_BY_KEY: key[b] < T  or  (key[b] == T and (remaining == ties
-                                     or tie_rank[b] <= remaining))
-                      (T, state = [remaining, ties] from the radix select, tie_rank from _tie_rank_kernel)
+                      SELECT_BY_KEY: key[b] < T  or  (key[b] == T and b <= L)
+                      (T from the radix select, L = state[2] from _tie_find_kernel)
         rank(r, c)  = #{valid (r', c') in block b : n(x[r', c']) < n(x[r, c]), or equal (NaN equal
                       to NaN, NaN above all) and (r', c') before (r, c) in row-major order}
         keep[r, c]  = not (selected(b) and (not RANKED or rank(r, c) < zeros_per_block))
@@ -224,7 +288,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
     programs may still be reading the block's values to rank them).
     The tile is TILE_R rows x TILE_BYTES * 8 columns, held as [TILE_R, TILE_BYTES, 8].
     """
-    tile_rows, byte_cols = _tile_2d((W + 7) // 8, TILE_R, TILE_BYTES)
+    tile_rows, byte_cols = _tile_2d(tl.program_id(0), (W + 7) // 8, TILE_R, TILE_BYTES)
     rows = tile_rows[:, :, None]
     bits = tl.arange(0, 8)[None, None, :]
     cols = byte_cols[:, :, None] * 8 + bits
@@ -237,11 +301,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, tie_rank_ptr, threshold_pt
         block = (rows // BH) * nbw + cols // BW
         key = tl.load(keys_ptr + block, mask=in_range, other=0).to(tl.uint32, bitcast=True)
         threshold = tl.load(threshold_ptr).to(tl.uint32, bitcast=True)
-        # remaining broadcast to the tile first (the interpreter mishandles scalar bool & tensor).
-        remaining = tl.full([TILE_R, TILE_BYTES, 8], 0, dtype=tl.int64) + tl.load(state_ptr)
-        split = remaining < tl.load(state_ptr + 1)
-        tie_rank = tl.load(tie_rank_ptr + block, mask=in_range & (key == threshold) & split, other=0)
-        zeroed = in_range & ((key < threshold) | ((key == threshold) & (~split | (tie_rank <= remaining))))
+        zeroed = in_range & ((key < threshold) | ((key == threshold) & (block <= tl.load(state_ptr + 2))))
     if RANKED:
         v = _element_norm(tl.load(x_ptr + rows * stride_h + cols * stride_w, mask=zeroed, other=0.0), NORM)
         row0 = (rows // BH) * BH
@@ -277,7 +337,7 @@ def _apply_mask_kernel(x_ptr, mask_ptr, H, W, stride_h, stride_w,
 
     keep(f) = mask[f] (bool bytes) or, with PACKED, bit f % 8 of mask[f / 8].
     """
-    rows, cols = _tile_2d(W, TILE_R, TILE_C)
+    rows, cols = _tile_2d(tl.program_id(0), W, TILE_R, TILE_C)
     in_range = (rows < H) & (cols < W)
     flat = rows * W + cols
     if PACKED:

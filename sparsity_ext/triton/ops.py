@@ -13,6 +13,8 @@ cannot lower.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
@@ -24,7 +26,8 @@ NAMESPACE = "sparsity_ext_triton"
 # Keeps x*x + acc two roundings (no FMA) in the scoring kernel; the interpreter never fuses.
 _EXACT = {} if kernels.INTERPRETED else {"enable_fp_fusion": False}
 _PACK_BLOCK_BYTES = 512
-_RADIX_BLOCK = 2048
+_RADIX_BLOCK = 2048  # keys per tile of the radix and tie passes
+_PROGRAMS_PER_SM = 8
 
 
 def _launchable(kernel):
@@ -68,8 +71,18 @@ def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- radix select
+@functools.lru_cache(maxsize=None)
+def _max_programs(device: torch.device) -> int:
+    """Programs of the persistent passes (scores, radix, ties): enough to fill the GPU's SMs with
+    loads in flight; 3 in the interpreter (several segments, each over several tiles in the tests)."""
+    if kernels.INTERPRETED or device.type != "cuda":
+        return 3
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _score_keys(x: torch.Tensor, block_shape: tuple[int, int], norm: int):
-    """(keys, histogram of their first radix digit): one int32 key per block (kernels._score_key)."""
+    """(keys, histograms): one int32 key per block (kernels._score_key), and hist[0] filled with the
+    histogram of the keys' first radix digit (the rows of the later digits are zero)."""
     h, w = x.shape
     bh, bw = block_shape
     nbh, nbw = triton.cdiv(h, bh), triton.cdiv(w, bw)
@@ -77,47 +90,67 @@ def _score_keys(x: torch.Tensor, block_shape: tuple[int, int], norm: int):
     hist = torch.zeros(len(kernels.RADIX_DIGITS), kernels.RADIX_BINS, dtype=torch.int64, device=x.device)
     shift, bits = kernels.RADIX_DIGITS[0]
     kernel, config = kernels.block_scores()
-    kernel[lambda meta: (triton.cdiv(nbh, meta["TILE_R"]) * triton.cdiv(nbw, meta["TILE_C"]),)](
+    programs = _max_programs(x.device)
+    kernel[lambda meta: (min(triton.cdiv(nbh, meta["TILE_R"]) * triton.cdiv(nbw, meta["TILE_C"]), programs),)](
         x, keys, hist[0], h, w, x.stride(0), x.stride(1), nbh, nbw, _tune_key(nbh, nbw),
         BH=bh, BW=bw, NORM=norm, DIGIT_SHIFT=shift, NBINS=1 << bits, **config, **_EXACT)
     return keys, hist
 
 
-def _radix_select(keys: torch.Tensor, hist: torch.Tensor, k: int):
-    """(T, state): the k-th smallest key T (1-based, int32 bits) and state = [remaining, ties] (see
-    kernels._radix_pick_kernel), as device tensors; no host synchronisation. hist[0] must already
-    hold the first digit's histogram."""
-    device = keys.device
-    prefix = torch.zeros(1, dtype=torch.int32, device=device)
-    state = torch.full((2,), k, dtype=torch.int64, device=device)  # [remaining, ties]
-    # Each histogram pass reads src[0 : count] and appends its candidates to the next pass's source.
-    src, count = keys, torch.full((1,), keys.numel(), dtype=torch.int64, device=device)
-    prefix_shift = 32
-    for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
-        if digit > 0:
-            compact = digit + 1 < len(kernels.RADIX_DIGITS)
-            dst = torch.empty_like(keys) if compact else src
-            dst_count = torch.zeros(1, dtype=torch.int64, device=device) if compact else count
-            kernels._radix_histogram_kernel[(triton.cdiv(keys.numel(), _RADIX_BLOCK),)](
-                src, count, prefix, hist[digit], dst, dst_count, PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift,
-                NBINS=1 << bits, COMPACT=compact, BLOCK=_RADIX_BLOCK)
-            src, count = dst, dst_count
-        kernels._radix_pick_kernel[(1,)](hist[digit], prefix, state, DIGIT_SHIFT=shift, NBINS=1 << bits)
-        prefix_shift = shift
-    return prefix, state
+class _Selection:
+    """The radix select's device state for k of the n keys of `source` (int32 keys, or raw values).
 
+    Key indices are cut into `segments` segments of seg_len (a multiple of _RADIX_BLOCK); one program
+    per segment in every radix pass. After run(): threshold = [T] (int32 bits of the k-th smallest
+    key), state = [remaining, ties, L] (kernels._radix_pick_kernel, kernels._tie_find_kernel), and
+    the candidate buffers hold the keys that share T's top 27 bits, per segment, in index order.
+    """
 
-def _tie_ranks(keys: torch.Tensor, threshold: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """tie_rank[b] = #{b' <= b : keys[b'] == T} where keys[b] == T, computed only when the selection
-    takes part of T's ties (else the two passes read nothing); other entries are left unset."""
-    num_keys = keys.numel()
-    chunks = triton.cdiv(num_keys, _RADIX_BLOCK)
-    tie_rank = torch.empty(num_keys, dtype=torch.int32 if num_keys < 2 ** 31 else torch.int64, device=keys.device)
-    chunk_counts = torch.empty(chunks, dtype=torch.int32, device=keys.device)
-    kernels._tie_count_kernel[(chunks,)](keys, threshold, state, chunk_counts, num_keys, BLOCK=_RADIX_BLOCK)
-    chunk_offsets = (torch.cumsum(chunk_counts, 0) - chunk_counts).to(tie_rank.dtype)
-    kernels._tie_rank_kernel[(chunks,)](keys, threshold, state, chunk_offsets, tie_rank, num_keys, BLOCK=_RADIX_BLOCK)
-    return tie_rank
+    def __init__(self, source: torch.Tensor, k: int, from_values: bool, track_index: bool):
+        n = source.numel()
+        device = source.device
+        self.source, self.n, self.from_values, self.track_index = source, n, from_values, track_index
+        self.segments = min(triton.cdiv(n, _RADIX_BLOCK), _max_programs(device))
+        self.seg_len = triton.cdiv(triton.cdiv(n, self.segments), _RADIX_BLOCK) * _RADIX_BLOCK
+        self.segments = triton.cdiv(n, self.seg_len)
+        self.cand_keys = torch.empty(n, dtype=torch.int32, device=device)
+        index_dtype = torch.int32 if n < 2 ** 31 else torch.int64
+        # Without ties to break (select_threshold), no indices are kept: cand_keys stands in, never written.
+        self.cand_index = torch.empty(n, dtype=index_dtype, device=device) if track_index else self.cand_keys
+        self.seg_counts = torch.empty(self.segments, dtype=torch.int64, device=device)
+        self.threshold = torch.zeros(1, dtype=torch.int32, device=device)
+        self.state = torch.tensor([k, k, n - 1], dtype=torch.int64, device=device)
+
+    def histogram_pass(self, hist_row, digit: int, first: bool, compact: bool) -> None:
+        prefix_shift = kernels.RADIX_DIGITS[digit - 1][0] if digit > 0 else 32
+        shift, bits = kernels.RADIX_DIGITS[digit]
+        kernels._radix_histogram_kernel[(self.segments,)](
+            self.source, self.cand_keys, self.cand_index, self.seg_counts, self.threshold, hist_row,
+            self.n, self.seg_len, PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift, NBINS=1 << bits, FIRST=first,
+            FROM_VALUES=first and self.from_values, COMPACT=compact, TRACK_INDEX=self.track_index,
+            BLOCK=_RADIX_BLOCK)
+
+    def run(self, hist: torch.Tensor) -> None:
+        """Every digit; hist[0] must already hold the first digit's histogram unless from_values."""
+        last = len(kernels.RADIX_DIGITS) - 1
+        for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
+            if digit == 0 and self.from_values:
+                self.histogram_pass(hist[0], 0, first=True, compact=False)
+            elif digit > 0:
+                # The first of these reads every key; the others the candidates it compacted.
+                self.histogram_pass(hist[digit], digit, first=digit == 1, compact=digit < last)
+            kernels._radix_pick_kernel[(1,)](hist[digit], self.threshold, self.state, DIGIT_SHIFT=shift,
+                                             NBINS=1 << bits)
+
+    def find_last_tie(self) -> None:
+        """state[2] = L (kernels._tie_find_kernel): two passes over the candidates left, which read
+        nothing unless the k smallest take only part of the keys equal to T."""
+        seg_ties = torch.empty(self.segments, dtype=torch.int64, device=self.source.device)
+        kernels._tie_count_kernel[(self.segments,)](self.cand_keys, self.seg_counts, self.threshold, self.state,
+                                                    seg_ties, self.seg_len, BLOCK=_RADIX_BLOCK)
+        kernels._tie_find_kernel[(1,)](self.cand_keys, self.cand_index, self.seg_counts, seg_ties, self.threshold,
+                                       self.state, self.segments, self.seg_len, self.n,
+                                       SEGMENTS=max(16, triton.next_power_of_2(self.segments)), BLOCK=_RADIX_BLOCK)
 
 
 # --------------------------------------------------------------------------------- mask write
@@ -125,11 +158,11 @@ def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, p
     """One launch of the mask-write pass (kernels.block_norm_mask()) writing `out` (bool (h, w) or packed bytes) for x (h, w)."""
     h, w = x.shape
     bh, bw = block_shape
-    keys, tie_rank, threshold, state = selection if selection is not None else (x, x, x, x)
+    keys, threshold, state = selection if selection is not None else (x, x, x)
     kernel, config = kernels.block_norm_mask()
     launch(kernel)[
         lambda meta: (triton.cdiv(h, meta["TILE_R"]) * triton.cdiv(triton.cdiv(w, 8), meta["TILE_BYTES"]),)](
-        x, out, keys, tie_rank, threshold, state, h, w, x.stride(0), x.stride(1),
+        x, out, keys, threshold, state, h, w, x.stride(0), x.stride(1),
         triton.cdiv(w, bw), zeros_per_block, _tune_key(h, w), BH=bh, BW=bw, NORM=norm, SELECT=select,
         RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **config)
 
@@ -151,8 +184,10 @@ def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, p
     else:
         select = kernels.SELECT_BY_KEY
         keys, hist = _score_keys(data, block_shape, norm)
-        threshold, state = _radix_select(keys, hist, k)
-        selection = (keys, _tie_ranks(keys, threshold, state), threshold, state)
+        radix = _Selection(keys, k, from_values=False, track_index=True)
+        radix.run(hist)
+        radix.find_last_tie()
+        selection = (keys, radix.threshold, radix.state)
     ranked = zeros_per_block < bh * bw
     # Packed bytes are written directly when no byte straddles two rows; else a bool mask is packed after.
     target = out if not packed or w % 8 == 0 else torch.empty((h, w), dtype=torch.bool, device=data.device)
@@ -195,16 +230,16 @@ def _(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
 
 @custom_op(f"{NAMESPACE}::select_threshold", mutates_args=())
 def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sparsity_ext.ops.select_threshold: the radix select of block_norm_mask on 1 x 1 blocks."""
+    """sparsity_ext.ops.select_threshold: the radix select of block_norm_mask on the raw values."""
     _check_device(values, "select_threshold")
-    row = values.view(1, -1)
-    keys, hist = _score_keys(row, (1, 1), 0)
-    threshold, state = _radix_select(keys, hist, k)
+    # The radix passes read the values themselves (keys computed on the fly, never stored).
+    radix = _Selection(values.contiguous(), k, from_values=True, track_index=False)
+    radix.run(torch.zeros(len(kernels.RADIX_DIGITS), kernels.RADIX_BINS, dtype=torch.int64, device=values.device))
     # Invert kernels._score_key (0xFFFFFFFF becomes the NaN 0x7FFFFFFF).
-    key = threshold.to(torch.int64) & 0xFFFFFFFF
+    key = radix.threshold.to(torch.int64) & 0xFFFFFFFF
     bits = torch.where(key >= 2 ** 31, key - 2 ** 31, 0xFFFFFFFF - key)
     bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
-    return bits.view(torch.float32).to(values.dtype).reshape(()), state[0].clone()
+    return bits.view(torch.float32).to(values.dtype).reshape(()), radix.state[0].clone()
 
 
 @select_threshold.register_fake

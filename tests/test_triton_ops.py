@@ -150,7 +150,7 @@ def test_block_norm_mask_needs_every_radix_digit():
         assert_block_mask_matches(data, level, (1, 1), 1, 0, packed=True)
 
 
-@pytest.mark.parametrize("shape", [(4, 10), (50, 60)])  # one and two chunks of the tie-rank passes
+@pytest.mark.parametrize("shape", [(4, 10), (50, 60)])  # one and two segments of the radix and tie passes
 def test_block_norm_mask_splits_ties_by_lower_index(shape):
     # Values 0..3 on (1, 1) blocks: every k falls inside a run of equal scores, or on its edge.
     data = (torch.arange(shape[0] * shape[1]) * 7919 % 4).reshape(shape).to(torch.float32).to(DEVICE)
@@ -159,6 +159,33 @@ def test_block_norm_mask_splits_ties_by_lower_index(shape):
     for k in (1, zeros_count // 2, zeros_count, zeros_count + 1, n - 1):
         assert_block_mask_matches(data, k / n, (1, 1), 1, 1)
     assert_block_mask_matches(data, 0.5, (1, 2), 1, 1, packed=True)
+
+
+@pytest.fixture
+def small_radix_tiles(monkeypatch):
+    """64-key tiles: each radix and tie pass runs 3 segments (the interpreter's program count) of
+    several tiles each, so compaction in place carries candidates across tiles."""
+    monkeypatch.setattr(triton_modules()[1], "_RADIX_BLOCK", 64)
+
+
+def test_radix_select_over_segments_of_many_tiles(small_radix_tiles):
+    # 1000 (1, 1) blocks with scores 0..3: the k-th block's ties split in the first, second or third segment.
+    data = (torch.arange(25 * 40) * 7919 % 4).reshape(25, 40).to(torch.float32).to(DEVICE)
+    n = data.numel()
+    zeros_count = int((data == 0).sum())
+    for k in (1, 50, 100, 200, zeros_count, zeros_count + 5, 600, n - 1):
+        assert_block_mask_matches(data, k / n, (1, 1), 1, 1)
+    smooth = tie_free((30, 64), device=DEVICE, seed=20)
+    for level in (0.3, 0.8):
+        assert_block_mask_matches(smooth, level, (1, 4), 4, 1, packed=True)
+        assert_block_mask_matches(smooth, level, (1, 2), 1, 2)
+    values = randn(1500, seed=21).round()  # ties
+    values[[10, 700, 1400]] = float("nan")
+    for k in (1, 500, 1200, 1497, 1498, 1500):
+        got_value, got_rank = on_triton(ops.select_threshold, values, k)
+        want_value, want_rank = reference.select_threshold(values, k)
+        assert torch.equal(got_value, want_value) or (got_value.isnan() and want_value.isnan()), k
+        assert torch.equal(got_rank.cpu(), want_rank.cpu()), k
 
 
 @pytest.mark.parametrize("view", ["transposed", "strided_columns", "one_dim", "one_dim_strided"])
@@ -207,7 +234,7 @@ def test_block_norm_mask_apply_non_contiguous_data_in_place():
 
 
 def test_block_norm_mask_multi_program_grid():
-    # Enough blocks for several programs of every pass (scores, three radix digits, mask write).
+    # Enough blocks for several programs of every pass (scores, radix digits, mask write).
     data = tie_free((40, 70), device=DEVICE, seed=8)
     for level, block, zeros in ((0.37, (1, 2), 2), (0.6, (3, 1), 1), (0.5, (1, 1), 1)):
         assert_block_mask_matches(data, level, block, zeros, 2)

@@ -31,10 +31,15 @@ fi
 
 if [[ " $steps " == *" test "* ]]; then
   t0=$(date +%s)
-  PYTHONPATH=$PWD "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml" tests ${TEST_ARGS:-} \
+  # Several pytest workers when pytest-xdist is there: faster, and a crashing test (a kernel bug) takes
+  # down one worker, which is replaced and the test reported, instead of the whole run.
+  workers=()
+  if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); fi
+  PYTHONPATH=$PWD "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider "${workers[@]}" tests ${TEST_ARGS:-} \
     > "$out/tests.log" 2>&1
   rc=$?
-  tail -n 40 "$out/tests.log"
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 60
+  tail -n 3 "$out/tests.log"
   echo "tests: rc=$rc, $(( $(date +%s) - t0 )) s"
   [ $rc -eq 0 ] || status=1
 fi

@@ -112,6 +112,25 @@ def test_block_norm_mask_apply_matches_reference(backend, device, dtype, layout,
         assert torch.equal(_bits(data.contiguous()), _bits(expected_data)), config
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shape,block", [((1, 10_000), (1, 6)), ((300, 301), (1, 6)), ((257, 1030), (1, 4)),
+                                         ((2, 40_000), (1, 31))], ids=str)
+def test_apply_ranks_blocks_that_straddle_work_boundaries(backend, device, packed, shape, block):
+    """Blocks cut by a task / tile / thread boundary are ranked on the original data, zeroed after."""
+    _require(backend, device)
+    # norm 0 ranks raw values: a zeroed element would rank differently from its original value
+    base = _data(shape, torch.float32, device, seed=9, kind="tie_free")
+    for level, zeros, norm in [(1.0, block[1] // 2, 0), (0.6, 1, 0), (1.0, block[1] - 1, 1)]:
+        expected_data = base.clone()
+        expected = reference.block_norm_mask_apply_(expected_data, level, block, zeros, norm, packed)
+        data = base.clone()
+        with sparsity_ext.use_backend(backend):
+            got = ops.block_norm_mask_apply_(data, level, block, zeros, norm, packed)
+        assert torch.equal(got, expected), (level, zeros, norm)
+        assert torch.equal(data, expected_data), (level, zeros, norm)
+
+
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(37,), (3, 30), (64, 128), (2, 3, 16), (1, 256), (0, 4)], ids=str)

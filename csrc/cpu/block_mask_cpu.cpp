@@ -335,6 +335,23 @@ void fill_ones(at::Tensor& mask, bool packed, int64_t numel) {
   if (numel % 8 != 0) mask[-1] = static_cast<uint8_t>((1u << (numel % 8)) - 1u);
 }
 
+// data = 0 where the finished mask (bool, or packed bits) is 0.
+template <typename T>
+void zero_dropped(const Plan<T>& plan, const at::Tensor& mask, bool packed) {
+  const int64_t numel = plan.grid.rows * plan.grid.cols;
+  const bool* flags = packed ? nullptr : mask.data_ptr<bool>();
+  const uint8_t* bits = packed ? mask.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, numel, kMaskGrain, [&](int64_t begin, int64_t end) {
+    for_each_row_segment(begin, end, plan.grid.cols, [&](int64_t row, int64_t c0, int64_t c1, int64_t offset) {
+      T* row_ptr = plan.data + row * plan.ld;
+      for (int64_t c = c0, e = begin + offset; c < c1; ++c, ++e) {
+        const bool keep = packed ? (bits[e >> 3] >> (e & 7)) & 1 : flags[e];
+        if (!keep) row_ptr[c] = T{};
+      }
+    });
+  });
+}
+
 template <typename T>
 void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsity_level, int64_t zeros_per_block,
                        int norm, bool packed, bool apply, at::Tensor& mask) {
@@ -370,7 +387,11 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
     case ZeroMode::kWholeBlock:
       return write_mask<ZeroMode::kWholeBlock>(plan, mask, packed, apply);
     case ZeroMode::kRowRank:
-      return write_mask<ZeroMode::kRowRank>(plan, mask, packed, apply);
+      // A block's ranking reads its neighbours, which another task (or a later tile) may be zeroing:
+      // write the whole mask first, then zero.
+      write_mask<ZeroMode::kRowRank>(plan, mask, packed, false);
+      if (apply) zero_dropped(plan, mask, packed);
+      return;
     case ZeroMode::kCut:
       return write_mask<ZeroMode::kCut>(plan, mask, packed, apply);
   }

@@ -139,15 +139,24 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
     case ZeroMode::kCut:
       return launch_mask<T, ZeroMode::kCut, 1>(data, args, stream);
     case ZeroMode::kRowRank:
+      args.vector_rows = row_vectors && (grid.block_cols == 4 || grid.block_cols == 8);
+      // Without the vector path a block may straddle two threads' chunks, and one thread would zero
+      // elements the other still ranks: write the mask first, then zero in a second pass.
+      args.apply = apply && args.vector_rows;
       if (grid.block_cols <= 4) {
-        args.vector_rows = row_vectors && grid.block_cols == 4;
-        return launch_mask<T, ZeroMode::kRowRank, 4>(data, args, stream);
+        launch_mask<T, ZeroMode::kRowRank, 4>(data, args, stream);
+      } else if (grid.block_cols <= 8) {
+        launch_mask<T, ZeroMode::kRowRank, 8>(data, args, stream);
+      } else {
+        launch_mask<T, ZeroMode::kRowRank, 32>(data, args, stream);
       }
-      if (grid.block_cols <= 8) {
-        args.vector_rows = row_vectors && grid.block_cols == 8;
-        return launch_mask<T, ZeroMode::kRowRank, 8>(data, args, stream);
+      if (apply && !args.apply) {
+        const int64_t chunks = (grid.rows * grid.cols + cuda::kChunk - 1) / cuda::kChunk;
+        cuda::zero_dropped_kernel<T><<<grid_for(chunks), kThreads, 0, stream>>>(data, ld, grid.rows, grid.cols,
+                                                                                mask.data_ptr(), packed);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      return launch_mask<T, ZeroMode::kRowRank, 32>(data, args, stream);
+      return;
   }
 }
 

@@ -1,5 +1,6 @@
 // Host-side launch helpers shared by the CUDA launchers (c10 only: no ATen/cuda headers, so the
-// launchers also compile against a toolkit without the cuBLAS/cuSPARSE headers).
+// launchers also compile against a toolkit without the cuBLAS/cuSPARSE headers). The CPU emulation in
+// tests/cuda_emulation provides the same functions.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -32,6 +33,13 @@ inline unsigned grid_for(int64_t threads, int64_t ctas_per_sm = 8) {
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// kernel<<<grid, kThreads, 0, stream>>>(args...), then the launch check.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), unsigned grid, cudaStream_t stream, Args... args) {
+  kernel<<<grid, kThreads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace cuda
 }  // namespace sparsity_ext

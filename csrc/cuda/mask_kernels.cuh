@@ -260,6 +260,7 @@ __global__ void __launch_bounds__(kThreads) tie_find_kernel(const uint32_t* keys
 
 // Writes the selection result of select_threshold: the k-th smallest value and its tie rank.
 __global__ void select_finish_kernel(const RadixState* state, float* value, int64_t* tie_rank) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
   *value = key_to_float(state->prefix);
   *tie_rank = state->rank;
 }

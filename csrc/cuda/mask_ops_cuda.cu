@@ -12,7 +12,6 @@
 namespace sparsity_ext {
 namespace {
 
-using cuda::kThreads;
 
 unsigned grid_for_words(int64_t numel) { return cuda::grid_for((numel + 31) / 32, 32); }
 
@@ -30,9 +29,8 @@ at::Tensor pack_mask_cuda(const at::Tensor& mask) {
   const int64_t numel = src.numel();
   at::Tensor packed = at::empty({(numel + 7) / 8}, mask.options().dtype(at::kByte));
   if (numel == 0) return packed;
-  cuda::pack_kernel<<<grid_for_words(numel), kThreads, 0, cuda::current_stream()>>>(
-      src.data_ptr<bool>(), numel, packed.data_ptr<uint8_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(cuda::pack_kernel, grid_for_words(numel), cuda::current_stream(), src.data_ptr<bool>(), numel,
+               packed.data_ptr<uint8_t>());
   return packed;
 }
 
@@ -46,9 +44,8 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, at::IntArrayRef shape) {
               " needs ", (numel + 7) / 8);
   if (numel == 0) return mask;
   const at::Tensor src = contiguous_aligned(packed, 4);
-  cuda::unpack_kernel<<<grid_for_words(numel), kThreads, 0, cuda::current_stream()>>>(
-      src.data_ptr<uint8_t>(), numel, mask.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(cuda::unpack_kernel, grid_for_words(numel), cuda::current_stream(), src.data_ptr<uint8_t>(), numel,
+               mask.data_ptr<bool>());
   return mask;
 }
 
@@ -68,10 +65,9 @@ void apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
   const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data.scalar_type(), "apply_mask_cuda", [&] {
     using T = typename Storage<scalar_t>::type;
-    cuda::apply_mask_kernel<T><<<grid_for_words(work.numel()), kThreads, 0, stream>>>(
-        reinterpret_cast<T*>(work.data_ptr<scalar_t>()), work.numel(), packed ? nullptr : mask_c.data_ptr<bool>(),
-        packed ? mask_c.data_ptr<uint8_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(cuda::apply_mask_kernel<T>, grid_for_words(work.numel()), stream,
+                 reinterpret_cast<T*>(work.data_ptr<scalar_t>()), work.numel(),
+                 packed ? nullptr : mask_c.data_ptr<bool>(), packed ? mask_c.data_ptr<uint8_t>() : nullptr);
   });
   if (!work.is_same(data)) data.copy_(work);
 }

@@ -21,7 +21,7 @@ from triton.runtime.interpreter import InterpretedFunction
 # Radix select over 32-bit keys: six digits of 6, 6, 5, 5, 5 and 5 bits, most significant first.
 # Small digits keep tl.histogram cheap: triton 3.6 lowers it to warp ballots whose cost per key grows
 # with the number of bins (2048 bins cost ~30 instructions per key, far more than reading the key).
-# Only the first two passes read every key; the later ones read the few candidates left.
+# The first three digit passes read every key; the later ones only the few candidates left.
 RADIX_DIGITS = ((26, 6), (20, 6), (15, 5), (10, 5), (5, 5), (0, 5))  # (shift, bits)
 RADIX_BINS = 1 << 6
 
@@ -238,13 +238,14 @@ def _tie_count_kernel(cand_keys_ptr, seg_counts_ptr, threshold_ptr, state_ptr, s
 
 @triton.jit
 def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr, threshold_ptr, state_ptr,
-                     num_segments, seg_len, num_keys, SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
+                     num_segments, seg_len, SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
     """state[2] = L, the index of the last key the selection takes among those equal to T (one program).
 
     When T's ties split (remaining < ties), L is the index of the remaining-th key equal to T in index
     order: segments are in index order and keep their candidates in index order, so the segment is
     found from the running sum of seg_ties and the key by a scan of that segment's candidates
-    (their indices come from cand_index). Otherwise every key equal to T is taken: L = num_keys - 1.
+    (their indices come from cand_index). Otherwise every key equal to T is taken: L stays as set
+    by the caller, the last key index.
     The k smallest keys are then {b : key[b] < T, or key[b] == T and b <= L}.
     """
     remaining = tl.load(state_ptr)
@@ -256,7 +257,7 @@ def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr
     count = tl.load(seg_counts_ptr + seg, mask=split, other=0)
     threshold = tl.load(threshold_ptr)
     seg_start = seg.to(tl.int64) * seg_len
-    last = (num_keys - 1).to(tl.int64)
+    last = tl.load(state_ptr + 2)
     seen = count * 0
     for start in range(0, count, BLOCK):
         lane = start + tl.arange(0, BLOCK)

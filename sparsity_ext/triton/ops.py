@@ -28,6 +28,7 @@ _EXACT = {} if kernels.INTERPRETED else {"enable_fp_fusion": False}
 _PACK_BLOCK_BYTES = 512
 _RADIX_BLOCK = 2048  # keys per tile of the radix and tie passes
 _PROGRAMS_PER_SM = 8
+_FIRST_COMPACTING_DIGIT = 2  # see _Selection.run
 
 
 def _launchable(kernel):
@@ -119,7 +120,8 @@ class _Selection:
         self.cand_index = torch.empty(n, dtype=index_dtype, device=device) if track_index else self.cand_keys
         self.seg_counts = torch.empty(self.segments, dtype=torch.int64, device=device)
         self.threshold = torch.zeros(1, dtype=torch.int32, device=device)
-        self.state = torch.tensor([k, k, n - 1], dtype=torch.int64, device=device)
+        self.state = torch.full((3,), k, dtype=torch.int64, device=device)  # fills: no host-to-device copy
+        self.state[2] = n - 1
 
     def histogram_pass(self, hist_row, digit: int, first: bool, compact: bool) -> None:
         prefix_shift = kernels.RADIX_DIGITS[digit - 1][0] if digit > 0 else 32
@@ -131,14 +133,17 @@ class _Selection:
             BLOCK=_RADIX_BLOCK)
 
     def run(self, hist: torch.Tensor) -> None:
-        """Every digit; hist[0] must already hold the first digit's histogram unless from_values."""
+        """Every digit; hist[0] must already hold the first digit's histogram unless from_values.
+
+        The passes of the first three digits read every key; the third also compacts the keys that
+        share the first two digits (12 bits: sign, exponent and 3 mantissa bits, typically a few
+        percent of the keys; one digit would keep nearly all, as most scores share an exponent
+        range), and the later passes read and compact those in place."""
         last = len(kernels.RADIX_DIGITS) - 1
         for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
-            if digit == 0 and self.from_values:
-                self.histogram_pass(hist[0], 0, first=True, compact=False)
-            elif digit > 0:
-                # The first of these reads every key; the others the candidates it compacted.
-                self.histogram_pass(hist[digit], digit, first=digit == 1, compact=digit < last)
+            if digit > 0 or self.from_values:
+                self.histogram_pass(hist[digit], digit, first=digit <= _FIRST_COMPACTING_DIGIT,
+                                    compact=_FIRST_COMPACTING_DIGIT <= digit < last)
             kernels._radix_pick_kernel[(1,)](hist[digit], self.threshold, self.state, DIGIT_SHIFT=shift,
                                              NBINS=1 << bits)
 
@@ -149,7 +154,7 @@ class _Selection:
         kernels._tie_count_kernel[(self.segments,)](self.cand_keys, self.seg_counts, self.threshold, self.state,
                                                     seg_ties, self.seg_len, BLOCK=_RADIX_BLOCK)
         kernels._tie_find_kernel[(1,)](self.cand_keys, self.cand_index, self.seg_counts, seg_ties, self.threshold,
-                                       self.state, self.segments, self.seg_len, self.n,
+                                       self.state, self.segments, self.seg_len,
                                        SEGMENTS=max(16, triton.next_power_of_2(self.segments)), BLOCK=_RADIX_BLOCK)
 
 

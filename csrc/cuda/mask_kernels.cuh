@@ -281,34 +281,41 @@ struct MaskArgs {
                              // cols % kChunk == 0, rows aligned to 16 bytes
 };
 
-// Keep bits of the kChunk elements starting at flat index e0 (kRowRank fast path): the chunk lies
-// in one row and holds kChunk / kGroup whole groups, read with vector loads.
+// Keep bits of the kChunk elements starting at row_chunk (kRowRank fast path): the chunk lies in one
+// row and holds kChunk / kGroup whole groups, read (and, for _apply_, written back) with vector loads,
+// half a chunk at a time to keep register pressure low.
 template <typename T, int kGroup>
 __device__ __forceinline__ uint32_t row_chunk_keep_bits(T* row_chunk, int64_t first_block, const MaskArgs& args,
                                                         uint32_t threshold, int64_t last_tied) {
-  T v[kChunk];
-  load_vector(row_chunk, v);
+  constexpr int kHalf = kChunk / 2;
+  static_assert(kHalf % kGroup == 0, "groups must not straddle the half chunks");
   const int zeros = clamp_zeros(args.zeros_per_block, kGroup);
   uint32_t keep = 0;
 #pragma unroll
-  for (int g0 = 0; g0 < kChunk; g0 += kGroup) {
-    const int64_t block = first_block + g0 / kGroup;
-    const bool selected =
-        args.keys == nullptr || block_selected(args.keys[block], block, threshold, last_tied);
-    uint32_t group[kGroup];
+  for (int h = 0; h < kChunk; h += kHalf) {
+    T v[kHalf];
+    load_vector(row_chunk + h, v);
+    uint32_t half_keep = 0;
 #pragma unroll
-    for (int c = 0; c < kGroup; ++c) group[c] = element_key(v[g0 + c], args.norm);
+    for (int g0 = 0; g0 < kHalf; g0 += kGroup) {
+      const int64_t block = first_block + (h + g0) / kGroup;
+      const bool selected = args.keys == nullptr || block_selected(args.keys[block], block, threshold, last_tied);
+      uint32_t group[kGroup];
 #pragma unroll
-    for (int c = 0; c < kGroup; ++c) {
-      keep |= static_cast<uint32_t>(!(selected && in_smallest_z<kGroup>(group, c, zeros))) << (g0 + c);
+      for (int c = 0; c < kGroup; ++c) group[c] = element_key(v[g0 + c], args.norm);
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        half_keep |= static_cast<uint32_t>(!(selected && in_smallest_z<kGroup>(group, c, zeros))) << (g0 + c);
+      }
     }
-  }
-  if (args.apply && keep != 0xFFFFFFFFu) {
+    if (args.apply && half_keep != (1u << kHalf) - 1u) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      if (!((keep >> i) & 1u)) v[i] = T{};
+      for (int i = 0; i < kHalf; ++i) {
+        if (!((half_keep >> i) & 1u)) v[i] = T{};
+      }
+      store_vector(row_chunk + h, v);
     }
-    store_vector(row_chunk, v);
+    keep |= half_keep << h;
   }
   return keep;
 }

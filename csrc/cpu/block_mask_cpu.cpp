@@ -106,12 +106,33 @@ void block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys)
   any_block_keys(plan, begin, end, keys);
 }
 
+// block_zero_cut, with a linear-time selection for blocks of more than 32 valid elements (the shared
+// bisection reads such a block 34 times; here its (key, position) pairs are gathered once into
+// `scratch` and the z-th smallest is found with nth_element). Same result.
+template <typename T>
+uint64_t block_cut_cpu(const Plan<T>& plan, int64_t block_row, int64_t block_col, std::vector<uint64_t>& scratch) {
+  const BlockGrid& g = plan.grid;
+  const int64_t ncols = g.valid_cols(block_col), nrows = g.valid_rows(block_row);
+  const int64_t n = nrows * ncols;
+  if (n <= 32 || plan.zeros_per_block >= n) {
+    return block_zero_cut(plan.data, plan.ld, g, block_row, block_col, plan.zeros_per_block, plan.norm);
+  }
+  scratch.resize(n);
+  const T* first = plan.data + block_row * g.block_rows * plan.ld + block_col * g.block_cols;
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t c = 0; c < ncols; ++c) scratch[r * ncols + c] = cut_key(element_key(first[r * plan.ld + c], plan.norm), r * ncols + c);
+  }
+  std::nth_element(scratch.begin(), scratch.begin() + (plan.zeros_per_block - 1), scratch.end());
+  return scratch[plan.zeros_per_block - 1];
+}
+
 // Per-block keys (with pass 0 of their histogram, per chunk) and/or per-block cuts.
 template <typename T>
 void score_blocks(const Plan<T>& plan, const cpu::Chunking& chunks, uint32_t* keys, cpu::ChunkHistograms* first_pass,
                   uint64_t* cuts) {
   const BlockGrid& g = plan.grid;
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint64_t> scratch;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t chunk_end = chunks.end(c);
       for (int64_t begin = chunks.begin(c); begin < chunk_end; begin += kScoreTile) {
@@ -123,7 +144,7 @@ void score_blocks(const Plan<T>& plan, const cpu::Chunking& chunks, uint32_t* ke
         if (cuts) {
           int64_t block_row = begin / g.grid_cols, block_col = begin - block_row * g.grid_cols;
           for (int64_t b = begin; b < end; ++b) {
-            cuts[b] = block_zero_cut(plan.data, plan.ld, g, block_row, block_col, plan.zeros_per_block, plan.norm);
+            cuts[b] = block_cut_cpu(plan, block_row, block_col, scratch);
             if (++block_col == g.grid_cols) {
               block_col = 0;
               ++block_row;

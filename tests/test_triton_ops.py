@@ -260,6 +260,22 @@ def test_nm_mask_dtypes_ties_and_non_contiguous(dtype):
         assert torch.equal(got, reference.nm_mask(view, 2, 4))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_blocks_1x4_ranked_kernel(dtype):
+    # nm_mask(_, n, 4) and block_norm_mask at level 1 on (1, 4) blocks use the 2:4 kernel: ties, NaN,
+    # +-inf, signed zeros, partial last blocks (width 45), several programs, every norm, a transposed view.
+    data = randn((37, 45), dtype, seed=22).mul(2).round()  # integers in about [-6, 6]: many ties
+    data[0, :8] = torch.tensor([float("nan"), 1.0, -float("nan"), 0.0, -0.0, 0.0, float("inf"), -float("inf")])
+    data[1, 40:] = float("nan")
+    for view in (data, data.t()):
+        for n in (1, 2, 3):
+            got = on_triton(ops.nm_mask, view, n, 4)
+            assert torch.equal(got, reference.nm_mask(view, n, 4)), (n, view.shape)
+        for zeros in (1, 2, 3):
+            for norm in (0, 1, 2):
+                assert_block_mask_matches(view, 1.0, (1, 4), zeros, norm)
+
+
 # ---------------------------------------------------------------------------- select_threshold
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_threshold(dtype):

@@ -330,6 +330,45 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, threshold_ptr, state_ptr,
         tl.store(out_ptr + rows * W + cols, keep != 0, mask=in_range)
 
 
+@triton.jit
+def _nm4_mask_kernel(x_ptr, out_ptr, H, W, stride_h, stride_w, zeros_per_block, NORM: tl.constexpr,
+                     TILE_R: tl.constexpr, TILE_G: tl.constexpr):
+    """Mask of (1, 4) blocks, every block selected, ranked: keep[r, c] for x (H x W, any strides).
+
+    The 4 elements (r, 4g + i), i < 4, of block g are ranked by n(x) (as _block_norm_mask_kernel:
+    NaN largest and equal to NaN, ties by lower i; columns past W do not count):
+        before(i, j) = key_i < key_j, or key_i == key_j and i < j      (key = _score_key(n(x)))
+        rank(i)      = #{valid j : before(j, i)}
+        keep[r, 4g + i] = rank(i) >= zeros_per_block        (bool bytes, out[r * W + c])
+    Padding lanes get the key 0xFFFFFFFF (NaN's): being last in index order, they are never before a
+    real element. A tile is TILE_R rows x TILE_G blocks, loaded as [TILE_R, TILE_G, 4] (vector loads
+    for contiguous rows) and split into the four members, so each of the 6 pairs is compared once
+    (the generic kernel re-reads each block 4 times, once per member).
+    """
+    rows, groups = _tile_2d(tl.program_id(0), (W + 3) // 4, TILE_R, TILE_G)
+    rows = rows[:, :, None]
+    cols = groups[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    valid = (rows < H) & (cols < W)
+    x = tl.load(x_ptr + rows * stride_h + cols * stride_w, mask=valid, other=0.0)
+    key = tl.where(valid, _score_key(_element_norm(x, NORM)), 0xFFFFFFFF)
+    even, odd = tl.split(tl.reshape(key, [TILE_R, TILE_G, 2, 2]))  # [.., a, b] = member 2a + b
+    k0, k2 = tl.split(even)
+    k1, k3 = tl.split(odd)
+    # b_ij = before(i, j) for i < j; member j > i is before i when b_ij is 0.
+    b01 = (k0 <= k1).to(tl.int32)
+    b02 = (k0 <= k2).to(tl.int32)
+    b03 = (k0 <= k3).to(tl.int32)
+    b12 = (k1 <= k2).to(tl.int32)
+    b13 = (k1 <= k3).to(tl.int32)
+    b23 = (k2 <= k3).to(tl.int32)
+    keep0 = (3 - b01 - b02 - b03) >= zeros_per_block
+    keep1 = (b01 + 2 - b12 - b13) >= zeros_per_block
+    keep2 = (b02 + b12 + 1 - b23) >= zeros_per_block
+    keep3 = (b03 + b13 + b23) >= zeros_per_block
+    keep = tl.reshape(tl.join(tl.join(keep0, keep2), tl.join(keep1, keep3)), [TILE_R, TILE_G, 4])
+    tl.store(out_ptr + rows * W + cols, keep, mask=valid)
+
+
 # ------------------------------------------------------------------------------ mask format ops
 @triton.jit
 def _apply_mask_kernel(x_ptr, mask_ptr, H, W, stride_h, stride_w,

@@ -160,9 +160,17 @@ class _Selection:
 
 # --------------------------------------------------------------------------------- mask write
 def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, packed, apply, launch):
-    """One launch of the mask-write pass (kernels.block_norm_mask()) writing `out` (bool (h, w) or packed bytes) for x (h, w)."""
+    """One launch of the mask-write pass writing `out` (bool (h, w) or packed bytes) for x (h, w):
+    kernels.block_norm_mask(), or kernels._nm4_mask_kernel for ranked (1, 4) blocks all selected."""
     h, w = x.shape
     bh, bw = block_shape
+    if select == kernels.SELECT_ALL and block_shape == (1, 4) and zeros_per_block < 4 and not packed and not apply:
+        # 2:4 masks and their kin: each block's 6 pairs compared once (kernels._nm4_mask_kernel).
+        tile_g = min(64, triton.next_power_of_2(triton.cdiv(w, 4)))
+        tile_r = min(triton.next_power_of_2(h), max(1, 256 // tile_g))
+        launch(kernels._nm4_mask_kernel)[(triton.cdiv(h, tile_r) * triton.cdiv(triton.cdiv(w, 4), tile_g),)](
+            x, out, h, w, x.stride(0), x.stride(1), zeros_per_block, NORM=norm, TILE_R=tile_r, TILE_G=tile_g)
+        return
     keys, threshold, state = selection if selection is not None else (x, x, x)
     kernel, config = kernels.block_norm_mask()
     launch(kernel)[
@@ -258,9 +266,10 @@ def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M mask of 2-D data: blocks (1, m), all selected, m - n zeros each, ranked by |x|."""
     _check_device(data, "nm_mask")
     out = torch.empty(data.shape, dtype=torch.bool, device=data.device)
-    if data.numel() > 0:
-        select = kernels.SELECT_ALL if n < m else kernels.SELECT_NONE
-        _write_mask(data, out, None, (1, m), m - n, 1, select, packed=False, apply=False, launch=_launchable)
+    if data.numel() == 0:
+        return out
+    select = kernels.SELECT_ALL if n < m else kernels.SELECT_NONE
+    _write_mask(data, out, None, (1, m), m - n, 1, select, packed=False, apply=False, launch=_launchable)
     return out
 
 

@@ -13,22 +13,29 @@ after importing sparsity_ext.
 Reading the kernels (kernels.py; each kernel's docstring states its math):
   block_norm_mask = _block_scores_kernel  one pass over x: fp32 block sums in row-major order, one
                                           int32 "score key" per block (unsigned order = float order,
-                                          NaN largest), plus the histogram of the keys' top 11 bits
-                  + _radix_histogram_kernel / _radix_pick_kernel  two more 11/10-bit digit passes:
-                                          the first reads every key and appends those matching the
-                                          chosen top digit to a buffer, the last reads only that
-                                          buffer; the k-th smallest key T and the count of T-ties
-                                          to take stay on the device (no host sync)
-                  + _tie_count_kernel / _tie_rank_kernel  only when the k smallest take part of the
-                                          blocks whose key equals T: their rank in index order
-                                          (lower index first); otherwise these passes read nothing
-                  + _block_norm_mask_kernel  one pass writing the bool or packed mask, ranking the
-                                          elements of selected blocks when zeros_per_block < block
-                                          size, zeroing x in the same pass for block_norm_mask_apply_
-                                          when whole blocks go (else a second _apply_mask_kernel pass).
-  nm_mask is _block_norm_mask_kernel alone (every (1, m) block selected, m - n zeros, |x|);
+                                          NaN largest), plus the histogram of the keys' top 6 bits
+                  + _radix_histogram_kernel / _radix_pick_kernel  five more digit passes (6, 5, 5, 5, 5
+                                          bits; small digits keep tl.histogram cheap): the next two
+                                          read every key, the second of them also compacts the keys
+                                          sharing the top 12 bits, per segment and in index order,
+                                          with their indices; the last three read only those. The
+                                          passes are persistent (one program per segment of keys,
+                                          one histogram flush per program); the k-th smallest key T
+                                          and the count of T-ties to take stay on the device (no
+                                          host sync)
+                  + _tie_count_kernel / _tie_find_kernel  only when the k smallest take part of the
+                                          blocks whose key equals T: the index L of the last one
+                                          taken (lower index first), from the compacted candidates
+                  + _block_norm_mask_kernel  one pass writing the bool or packed mask (key < T, or
+                                          key == T and index <= L), ranking the elements of selected
+                                          blocks when zeros_per_block < block size, zeroing x in the
+                                          same pass for block_norm_mask_apply_ when whole blocks go
+                                          (else a second _apply_mask_kernel pass);
+                                          _nm4_mask_kernel instead for ranked (1, 4) blocks all
+                                          selected (2:4 masks).
+  nm_mask is that mask-write pass alone (every (1, m) block selected, m - n zeros, |x|);
   apply_mask_, pack_mask, unpack_mask are one elementwise pass each; select_threshold is the radix
-  select above on 1 x 1 blocks of the raw values.
+  select above on the raw values (its first passes read the values, no keys are stored).
 Exactness: the scoring pass is launched with enable_fp_fusion=False (else x*x + acc becomes an FMA
 and scores differ from the reference in the last bit); that is why the scoring ops are
 torch.library.custom_op (opaque to torch.compile) and the rest triton_op (see ops.py).
@@ -37,7 +44,8 @@ kernels.SCORES_CONFIGS / kernels.MASK_CONFIGS, keyed by (bit lengths of the shap
 shape, mode), so each bucket is tuned once per process; TRITON_PRINT_AUTOTUNING=1 prints the choice.
 Add configs there for unusual shapes (very wide rows, tall blocks). SPARSITY_EXT_TRITON_AUTOTUNE=0
 (or kernels.AUTOTUNE = False) launches kernels.SCORES_DEFAULT / MASK_DEFAULT instead, as the
-interpreter always does. The radix and tie passes use fixed 2048-key programs (ops._RADIX_BLOCK).
+interpreter always does. The radix and tie passes use 2048-key tiles (ops._RADIX_BLOCK) and 8
+programs per SM (ops._PROGRAMS_PER_SM).
 """
 from __future__ import annotations
 

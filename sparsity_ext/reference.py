@@ -44,6 +44,17 @@ def block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Ten
     return F.avg_pool2d(norms[None, None], kernel_size=block_shape, stride=block_shape, ceil_mode=True).flatten()
 
 
+def ascending_order(values: torch.Tensor, dim: int = -1, last: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of a stable ascending sort along dim with every NaN after every number, whatever its sign
+    bit (torch's CUDA sort can put a NaN with the sign bit set first), and the positions flagged in
+    `last` (a bool mask, e.g. padding) after everything else."""
+    nan = values.isnan()
+    by_value = torch.sort(values.masked_fill(nan, float("inf")), dim=dim, stable=True).indices
+    rank_class = nan.to(torch.uint8) + (2 * last.to(torch.uint8) if last is not None else 0)
+    by_class = torch.sort(rank_class.gather(dim, by_value), dim=dim, stable=True).indices
+    return by_value.gather(dim, by_class)
+
+
 def _to_blocks(t: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
     """(nbh*bh, nbw*bw) -> (nbh*nbw, bh*bw): one row per block, elements row-major within the block."""
     bh, bw = block_shape
@@ -74,7 +85,7 @@ def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: tupl
         selected[:] = True
     else:
         # Stable ascending sort: NaN last, ties by lower block index.
-        order = torch.sort(block_scores(norms, block_shape), stable=True).indices
+        order = ascending_order(block_scores(norms, block_shape))
         selected[order[:k]] = True
 
     hp, wp = nbh * bh, nbw * bw
@@ -84,9 +95,7 @@ def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: tupl
     valid[:h, :w] = True
     blocks, valid_blocks = _to_blocks(padded, block_shape), _to_blocks(valid, block_shape)
     # Rank the elements of each block: by norm (NaN last, ties by lower index), padding after all.
-    by_norm = torch.sort(blocks, dim=1, stable=True).indices
-    padding_last = torch.sort((~valid_blocks).gather(1, by_norm).to(torch.uint8), dim=1, stable=True).indices
-    order = by_norm.gather(1, padding_last)
+    order = ascending_order(blocks, dim=1, last=~valid_blocks)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(bh * bw, device=data.device).expand_as(order).contiguous())
     zeroed = (rank < zeros_per_block) & valid_blocks & selected[:, None]
@@ -107,7 +116,7 @@ def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    kth = torch.sort(values, stable=True).values[k - 1] + 0.0  # + 0.0 turns -0.0 into +0.0
+    kth = values[ascending_order(values)[k - 1]] + 0.0  # + 0.0 turns -0.0 into +0.0
     less = (~values.isnan()).sum() if kth.isnan() else (values < kth).sum()
     return kth, (k - less).to(torch.int64)
 

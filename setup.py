@@ -46,10 +46,10 @@ def _extensions():
     if want_cuda and os.environ.get("FORCE_CUDA", "0") != "1" and not torch.cuda.is_available():
         _log("no GPU visible; building the CUDA kernels anyway (torch has CUDA and nvcc is present)")
 
-    # torch >= 2.14's headers require C++20 (its ATen.h refuses C++17)
-    torch_version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    cpp_std = "-std=c++20" if torch_version >= (2, 14) else "-std=c++17"
-    cxx_flags = ["-O3", cpp_std, "-ffp-contract=off"]
+    # No -std here: torch's BuildExtension adds the standard its own headers and libraries were built
+    # for (C++20 in current releases). Forcing an older one compiled, but an extension whose c10 types
+    # disagree with libc10's crashed on the first TORCH_CHECK that threw (seen with torch 2.11 on a GPU).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     extra_link = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for's OpenMP pragmas live in the headers
@@ -66,7 +66,7 @@ def _extensions():
             extra_compile_args={
                 "cxx": cxx_flags,
                 # -fmad=false: block scores must round exactly like the CPU kernels and avg_pool2d
-                "nvcc": ["-O3", cpp_std, "-fmad=false", "-lineinfo", "--expt-relaxed-constexpr"],
+                "nvcc": ["-O3", "-fmad=false", "-lineinfo", "--expt-relaxed-constexpr"],
             },
             extra_link_args=extra_link,
         )

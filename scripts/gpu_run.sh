@@ -27,6 +27,15 @@ if [[ " $steps " == *" build "* ]]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BUILD FAILED"; status=1; }
   echo "build: $(( $(date +%s) - t0 )) s"
   "$PY" -c "import sparsity_ext; print(sparsity_ext.info())" 2>&1 | tee -a "$out/build.log"
+  # an argument error raised inside the extension must come back as a Python exception
+  PYTHONPATH=$PWD "$PY" -c "
+import torch, sparsity_ext
+for device in ('cpu', 'cuda'):
+    try:
+        torch.ops.sparsity_ext.pack_mask(torch.zeros(3, device=device))
+    except RuntimeError as exc:
+        print(device, 'kernel argument errors raise:', str(exc)[:60])
+" 2>&1 | tee -a "$out/build.log" || echo "EXTENSION CRASHED ON A RAISED ARGUMENT ERROR"
 fi
 
 if [[ " $steps " == *" test "* ]]; then

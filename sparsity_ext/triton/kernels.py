@@ -142,8 +142,9 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
 def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_ptr, prefix_ptr, hist_ptr,
                             num_keys, seg_len, PREFIX_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr,
                             NBINS: tl.constexpr, FIRST: tl.constexpr, FROM_VALUES: tl.constexpr,
-                            COMPACT: tl.constexpr, TRACK_INDEX: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram of one radix digit over the keys that still are candidates, compacting them.
+                            HISTOGRAM: tl.constexpr, COMPACT: tl.constexpr, TRACK_INDEX: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """Histogram of one radix digit over the keys that still are candidates, and/or their compaction.
 
     Program p owns the segment [s_p, s_p + seg_len) of the key indices (s_p = p * seg_len) and reads
       FIRST:  every key of its segment, from src (int32 keys; with FROM_VALUES raw values v, whose key
@@ -151,7 +152,7 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
       else:   the c_p = seg_counts[p] candidates the previous pass kept, at cand_keys[s_p : s_p + c_p].
     With p = prefix (the digits above this one, already chosen; lower bits 0), the candidates are
         C = {keys read : key >> PREFIX_SHIFT == p >> PREFIX_SHIFT}      (every key read if PREFIX_SHIFT == 32)
-        hist[d] += #{key in C : (key >> DIGIT_SHIFT) & (NBINS - 1) == d}
+        hist[d] += #{key in C : (key >> DIGIT_SHIFT) & (NBINS - 1) == d}        (with HISTOGRAM)
     COMPACT writes the keys of C, in the order read (index order), to cand_keys[s_p : s_p + |C|] (with
     TRACK_INDEX their key index i to cand_index alike) and |C| to seg_counts[p], so the next pass reads
     only them. It may compact in place (src or cand_keys being what it reads): a key read at position q
@@ -182,9 +183,10 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
             candidate = in_range
         else:
             candidate = in_range & ((key >> PREFIX_SHIFT) == (prefix >> PREFIX_SHIFT))
-        digit = ((key >> DIGIT_SHIFT) & (NBINS - 1)).to(tl.int32)
-        local += tl.histogram(tl.where(candidate, digit, 0), NBINS)
-        others += _sum((~candidate).to(tl.int32), 0)
+        if HISTOGRAM:
+            digit = ((key >> DIGIT_SHIFT) & (NBINS - 1)).to(tl.int32)
+            local += tl.histogram(tl.where(candidate, digit, 0), NBINS)
+            others += _sum((~candidate).to(tl.int32), 0)
         if COMPACT:
             if TRACK_INDEX:
                 if FIRST:
@@ -200,7 +202,8 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
             written += _sum(flag, 0)
     if COMPACT:
         tl.store(seg_counts_ptr + pid, written)
-    _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, others, 0).to(tl.int32), NBINS)
+    if HISTOGRAM:
+        _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, others, 0).to(tl.int32), NBINS)
 
 
 @triton.jit

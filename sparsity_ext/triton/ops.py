@@ -123,27 +123,31 @@ class _Selection:
         self.state = torch.full((3,), k, dtype=torch.int64, device=device)  # fills: no host-to-device copy
         self.state[2] = n - 1
 
-    def histogram_pass(self, hist_row, digit: int, first: bool, compact: bool) -> None:
+    def radix_pass(self, hist_row, digit: int, first: bool, histogram: bool, compact: bool) -> None:
         prefix_shift = kernels.RADIX_DIGITS[digit - 1][0] if digit > 0 else 32
         shift, bits = kernels.RADIX_DIGITS[digit]
         kernels._radix_histogram_kernel[(self.segments,)](
             self.source, self.cand_keys, self.cand_index, self.seg_counts, self.threshold, hist_row,
             self.n, self.seg_len, PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift, NBINS=1 << bits, FIRST=first,
-            FROM_VALUES=first and self.from_values, COMPACT=compact, TRACK_INDEX=self.track_index,
-            BLOCK=_RADIX_BLOCK)
+            FROM_VALUES=first and self.from_values, HISTOGRAM=histogram, COMPACT=compact,
+            TRACK_INDEX=self.track_index, BLOCK=_RADIX_BLOCK)
 
     def run(self, hist: torch.Tensor) -> None:
         """Every digit; hist[0] must already hold the first digit's histogram unless from_values.
 
-        The passes of the first three digits read every key; the third also compacts the keys that
-        share the first two digits (12 bits: sign, exponent and 3 mantissa bits, typically a few
-        percent of the keys; one digit would keep nearly all, as most scores share an exponent
-        range), and the later passes read and compact those in place."""
+        The passes of the first two digits read every key; then one more pass over every key only
+        compacts those that share the first two digits (12 bits: sign, exponent and 3 mantissa bits,
+        typically a few percent of the keys; one digit would keep nearly all, as most scores share an
+        exponent range), and the passes of the later digits read only those, compacting in place.
+        The compacting pass builds no histogram (the costly part of a pass over every key): the
+        next digit's histogram is taken over the compacted keys."""
         last = len(kernels.RADIX_DIGITS) - 1
         for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
+            if digit == _FIRST_COMPACTING_DIGIT:
+                self.radix_pass(hist[digit], digit, first=True, histogram=False, compact=True)
             if digit > 0 or self.from_values:
-                self.histogram_pass(hist[digit], digit, first=digit <= _FIRST_COMPACTING_DIGIT,
-                                    compact=_FIRST_COMPACTING_DIGIT <= digit < last)
+                self.radix_pass(hist[digit], digit, first=digit < _FIRST_COMPACTING_DIGIT, histogram=True,
+                                    compact=_FIRST_COMPACTING_DIGIT < digit < last)
             kernels._radix_pick_kernel[(1,)](hist[digit], self.threshold, self.state, DIGIT_SHIFT=shift,
                                              NBINS=1 << bits)
 

@@ -1,10 +1,11 @@
 """Launchers of the triton kernels, registered as torch.library ops in the namespace sparsity_ext_triton.
 
 Inputs are validated by sparsity_ext.ops (the public surface); these launchers check only what is
-specific to triton (the device) and allocate outputs. block_norm_mask, block_norm_mask_apply_ and
-select_threshold are torch.library.custom_op: their scoring kernel must be launched with
-enable_fp_fusion=False for bit-exact scores, a launch option that torch.compile's tracing of a
-triton_op would not carry. The other ops are torch.library.triton_op (compile sees their kernels).
+specific to triton (the device) and allocate outputs. block_norm_mask and block_norm_mask_apply_
+are torch.library.custom_op: their scoring kernel must be launched with enable_fp_fusion=False for
+bit-exact scores, a launch option that torch.compile's tracing of a triton_op would not carry;
+select_threshold too (the same radix select). The other ops are torch.library.triton_op (compile
+sees their kernels).
 Every op has a fake (shape-only) implementation.
 
 Bool masks reach the kernels as bool tensors (triton loads and stores a bool pointer's elements as
@@ -147,7 +148,7 @@ class _Selection:
                 self.radix_pass(hist[digit], digit, first=True, histogram=False, compact=True)
             if digit > 0 or self.from_values:
                 self.radix_pass(hist[digit], digit, first=digit < _FIRST_COMPACTING_DIGIT, histogram=True,
-                                    compact=_FIRST_COMPACTING_DIGIT < digit < last)
+                                compact=_FIRST_COMPACTING_DIGIT < digit < last)
             kernels._radix_pick_kernel[(1,)](hist[digit], self.threshold, self.state, DIGIT_SHIFT=shift,
                                              NBINS=1 << bits)
 
@@ -270,10 +271,9 @@ def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M mask of 2-D data: blocks (1, m), all selected, m - n zeros each, ranked by |x|."""
     _check_device(data, "nm_mask")
     out = torch.empty(data.shape, dtype=torch.bool, device=data.device)
-    if data.numel() == 0:
-        return out
-    select = kernels.SELECT_ALL if n < m else kernels.SELECT_NONE
-    _write_mask(data, out, None, (1, m), m - n, 1, select, packed=False, apply=False, launch=_launchable)
+    if data.numel() > 0:
+        select = kernels.SELECT_ALL if n < m else kernels.SELECT_NONE
+        _write_mask(data, out, None, (1, m), m - n, 1, select, packed=False, apply=False, launch=_launchable)
     return out
 
 

@@ -21,7 +21,8 @@ from triton.runtime.interpreter import InterpretedFunction
 # Radix select over 32-bit keys: six digits of 6, 6, 5, 5, 5 and 5 bits, most significant first.
 # Small digits keep tl.histogram cheap: triton 3.6 lowers it to warp ballots whose cost per key grows
 # with the number of bins (2048 bins cost ~30 instructions per key, far more than reading the key).
-# The first three digit passes read every key; the later ones only the few candidates left.
+# Three passes read every key (the histograms of the first two digits, then a compaction); the later
+# ones only the few candidates left (see ops._Selection.run).
 RADIX_DIGITS = ((26, 6), (20, 6), (15, 5), (10, 5), (5, 5), (0, 5))  # (shift, bits)
 RADIX_BINS = 1 << 6
 
@@ -69,6 +70,8 @@ def _flush_histogram(hist_ptr, local, NBINS: tl.constexpr):
 
     Programs count in registers (tl.histogram, summed over every tile they process) and flush once at
     the end, so the global atomics are (programs x non-empty bins), not one per tile or per key.
+    Lanes that must not count are binned at 0 and subtracted from local[0] by the caller
+    (tl.histogram's mask argument is not in every triton 3.x).
     """
     tl.atomic_add(hist_ptr + tl.arange(0, NBINS), local.to(tl.int64), mask=local > 0, sem="relaxed")
 

@@ -87,6 +87,12 @@ SPX_HD float element_norm(float x, int norm) {
 #endif
 }
 
+// a / b for a >= 0, b > 0: a 32-bit division when both fit, several times cheaper on GPUs.
+SPX_HD int64_t divide(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  return a / b;
+}
+
 // ------------------------------------------------------------------------------ order keys
 // Unsigned order of keys == float order, with -0.0 == +0.0 and every NaN equal and largest
 // (0xFFFFFFFF; +inf is 0xFF800000). Ties between equal keys are broken by index elsewhere.
@@ -253,7 +259,10 @@ SPX_HD uint64_t block_zero_cut(const T* data, int64_t ld, const BlockGrid& grid,
   const int64_t n = grid.valid_rows(block_row) * ncols;
   if (z >= n) return kCutAll;
   const T* first = data + block_row * grid.block_rows * ld + block_col * grid.block_cols;
-  const auto key_at = [&](int64_t p) { return element_key(first[(p / ncols) * ld + p % ncols], norm); };
+  const auto key_at = [&](int64_t p) {
+    const int64_t r = divide(p, ncols);
+    return element_key(first[r * ld + (p - r * ncols)], norm);
+  };
   if (n > 32) return smallest_z_cut(key_at, n, z);
   uint32_t keys[32];
   for (int p = 0; p < n; ++p) keys[p] = key_at(p);
@@ -272,9 +281,9 @@ SPX_HD uint64_t block_zero_cut(const T* data, int64_t ld, const BlockGrid& grid,
 template <class Visit>
 SPX_HD void for_each_block_run(int64_t begin, int64_t end, int64_t cols, int64_t block_cols, Visit&& visit) {
   if (begin >= end || cols <= 0) return;
-  int64_t row = begin / cols;
+  int64_t row = divide(begin, cols);
   int64_t col = begin - row * cols;
-  int64_t block_col = col / block_cols;
+  int64_t block_col = divide(col, block_cols);
   int64_t block_end = (block_col + 1) * block_cols;
   int64_t offset = 0;
   const int64_t count = end - begin;

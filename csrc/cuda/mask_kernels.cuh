@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) block_keys_kernel(const T* __restric
     const bool valid = b < num_blocks;
     uint32_t key = 0;
     if (valid) {
-      const int64_t block_row = b / g.grid_cols, block_col = b - block_row * g.grid_cols;
+      const int64_t block_row = divide(b, g.grid_cols), block_col = b - block_row * g.grid_cols;
       if (want_keys) {
         float score;
         if (kWidth > 0 && args.vector_rows && (block_col + 1) * kWidth <= g.cols) {
@@ -328,7 +328,7 @@ __device__ __forceinline__ uint32_t range_keep_bits(T* data, int64_t e0, int64_t
   uint32_t keep = 0;
   for_each_block_run(e0, e1, g.cols, g.block_cols, [&](int64_t row, int64_t block_col, int64_t c0, int64_t c1,
                                                        int64_t offset) {
-    const int64_t block_row = g.block_rows == 1 ? row : row / g.block_rows;
+    const int64_t block_row = g.block_rows == 1 ? row : divide(row, g.block_rows);
     const int64_t block = block_row * g.grid_cols + block_col;
     const int len = static_cast<int>(c1 - c0);
     const uint32_t run = len >= 32 ? 0xFFFFFFFFu : ((1u << len) - 1u);
@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(T* data, MaskArgs args) 
     bool done = false;
     if constexpr (kMode == ZeroMode::kRowRank && kGroup <= 8) {
       if (args.vector_rows) {
-        const int64_t row = e0 / g.cols, col = e0 - row * g.cols;
+        const int64_t row = divide(e0, g.cols), col = e0 - row * g.cols;
         keep = row_chunk_keep_bits<T, kGroup>(data + row * args.ld + col, row * g.grid_cols + col / kGroup, args,
                                               threshold, last_tied);
         done = true;
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) zero_dropped_kernel(T* data, int64_t
        chunk += stride) {
     const int64_t e0 = chunk * kChunk;
     const int64_t e1 = e0 + kChunk < numel ? e0 + kChunk : numel;
-    int64_t row = e0 / cols, col = e0 - row * cols;
+    int64_t row = divide(e0, cols), col = e0 - row * cols;
     for (int64_t e = e0; e < e1; ++e) {
       const bool keep = packed ? (static_cast<const uint8_t*>(mask)[e >> 3] >> (e & 7)) & 1
                                : static_cast<const bool*>(mask)[e];

@@ -142,18 +142,52 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
 
 
 @triton.jit
-def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_ptr, prefix_ptr, hist_ptr,
-                            num_keys, seg_len, PREFIX_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr,
-                            NBINS: tl.constexpr, FIRST: tl.constexpr, FROM_VALUES: tl.constexpr,
-                            HISTOGRAM: tl.constexpr, COMPACT: tl.constexpr, TRACK_INDEX: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def _pick_digit(hist_ptr, picked_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
+    """Choose the digit of the remaining-th smallest candidate: the next row of the pick table.
+
+    picked = [prefix, remaining, ties] (the digits above, already chosen; remaining = the rank sought,
+    1-based, among the candidates, i.e. the keys that share prefix's digits). With hist this digit's
+    histogram over the candidates and cum(d) = sum_{e <= d} hist[e]:
+        d* = #{d : cum(d) < remaining}      (the first digit whose cumulative count reaches it)
+        returns (prefix | d* << DIGIT_SHIFT,  remaining - cum(d* - 1),  hist[d*])
+    After the last digit, prefix is the k-th smallest key T, ties = #{b : key[b] == T}, and the k
+    smallest keys are those < T plus the first `remaining` (lowest-indexed) keys equal to T.
+    """
+    bins = tl.arange(0, NBINS)
+    hist = tl.load(hist_ptr + bins)
+    remaining = tl.load(picked_ptr + 1)
+    digit = _sum((tl.associative_scan(hist, 0, _sum_combine) < remaining).to(tl.int32), 0)
+    prefix = tl.load(picked_ptr) | (digit.to(tl.int64) << DIGIT_SHIFT)
+    return prefix, remaining - _sum(tl.where(bins < digit, hist, 0), 0), _sum(tl.where(bins == digit, hist, 0), 0)
+
+
+@triton.jit
+def _pick_next(hist_ptr, picked_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
+    """_pick_digit, also stored (by program 0) as the row after picked; every program gets the result."""
+    prefix, remaining, ties = _pick_digit(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
+    first = tl.program_id(0) == 0
+    tl.store(picked_ptr + 3, prefix, mask=first)
+    tl.store(picked_ptr + 4, remaining, mask=first)
+    tl.store(picked_ptr + 5, ties, mask=first)
+    return prefix, remaining, ties
+
+
+@triton.jit
+def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_ptr, picked_ptr, prev_hist_ptr,
+                            hist_ptr, num_keys, seg_len, PREFIX_SHIFT: tl.constexpr, PREV_NBINS: tl.constexpr,
+                            DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr, FIRST: tl.constexpr,
+                            FROM_VALUES: tl.constexpr, HISTOGRAM: tl.constexpr, COMPACT: tl.constexpr,
+                            TRACK_INDEX: tl.constexpr, BLOCK: tl.constexpr):
     """Histogram of one radix digit over the keys that still are candidates, and/or their compaction.
 
+    Unless PREFIX_SHIFT == 32 (the first digit: no prefix), the pass first picks the digit above this
+    one (_pick_next from prev_hist and the pick-table row picked), which gives p = prefix: the digits
+    above this one, already chosen (lower bits 0).
     Program p owns the segment [s_p, s_p + seg_len) of the key indices (s_p = p * seg_len) and reads
       FIRST:  every key of its segment, from src (int32 keys; with FROM_VALUES raw values v, whose key
               is _score_key(fp32(v))), key i at src[i];
       else:   the c_p = seg_counts[p] candidates the previous pass kept, at cand_keys[s_p : s_p + c_p].
-    With p = prefix (the digits above this one, already chosen; lower bits 0), the candidates are
+    The candidates are
         C = {keys read : key >> PREFIX_SHIFT == p >> PREFIX_SHIFT}      (every key read if PREFIX_SHIFT == 32)
         hist[d] += #{key in C : (key >> DIGIT_SHIFT) & (NBINS - 1) == d}        (with HISTOGRAM)
     COMPACT writes the keys of C, in the order read (index order), to cand_keys[s_p : s_p + |C|] (with
@@ -162,12 +196,13 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
     is written at a position <= q, after a barrier that follows every load of the tile.
     """
     pid = tl.program_id(0)
+    if PREFIX_SHIFT != 32:
+        prefix = _pick_next(prev_hist_ptr, picked_ptr, PREFIX_SHIFT, PREV_NBINS)[0].to(tl.uint32)
     seg_start = pid.to(tl.int64) * seg_len
     if FIRST:
         count = tl.minimum(num_keys - seg_start, seg_len).to(tl.int64)
     else:
         count = tl.load(seg_counts_ptr + pid)
-    prefix = tl.load(prefix_ptr).to(tl.uint32, bitcast=True)
     local = tl.full([NBINS], 0, dtype=tl.int32)
     others = count * 0  # keys read that are no candidates, binned at 0 by the histogram
     written = count * 0
@@ -210,85 +245,68 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
 
 
 @triton.jit
-def _radix_pick_kernel(hist_ptr, prefix_ptr, state_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
-    """Choose the digit of the remaining-th smallest candidate (one program).
-
-    state = [remaining, ties, ...]. With cum(d) = sum_{e <= d} hist[e] and m = remaining (1-based rank
-    among the candidates):
-        d* = #{d : cum(d) < m}          (the first digit whose cumulative count reaches m)
-        prefix    |= d* << DIGIT_SHIFT
-        remaining -= cum(d* - 1)        (rank among the candidates that also share digit d*)
-        ties       = hist[d*]           (how many candidates share digit d*)
-    After the last digit, prefix is the k-th smallest key T, ties = #{b : key[b] == T}, and the
-    k smallest keys are those < T plus the first `remaining` (lowest-indexed) keys equal to T.
-    """
-    bins = tl.arange(0, NBINS)
-    hist = tl.load(hist_ptr + bins)
-    remaining = tl.load(state_ptr)
-    digit = _sum((tl.associative_scan(hist, 0, _sum_combine) < remaining).to(tl.int32), 0)
-    below = _sum(tl.where(bins < digit, hist, 0), 0)
-    prefix = tl.load(prefix_ptr).to(tl.uint32, bitcast=True) | (digit.to(tl.uint32) << DIGIT_SHIFT)
-    tl.store(prefix_ptr, prefix.to(tl.int32, bitcast=True))
-    tl.store(state_ptr, remaining - below)
-    tl.store(state_ptr + 1, _sum(tl.where(bins == digit, hist, 0), 0))
+def _radix_pick_kernel(hist_ptr, picked_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
+    """The last digit's pick (one program): the row after picked = _pick_digit(hist, picked)."""
+    _pick_next(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
 
 
 @triton.jit
-def _tie_count_kernel(cand_keys_ptr, seg_counts_ptr, threshold_ptr, state_ptr, seg_ties_ptr, seg_len,
-                      BLOCK: tl.constexpr):
-    """seg_ties[p] = #{candidates of segment p (as the last compacting radix pass left them) equal to T}.
+def _tie_count_kernel(cand_keys_ptr, seg_counts_ptr, picked_ptr, hist_ptr, seg_ties_ptr, seg_len,
+                      DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+    """The last digit's pick (as _radix_pick_kernel: the final row [T, remaining, ties] after picked),
+    then seg_ties[p] = #{candidates of segment p (as the last compacting radix pass left them) == T}.
 
     Every key equal to T is among those candidates. Counted only when the k smallest take some but not
-    all keys equal to T (state: remaining < ties); otherwise nothing is read and seg_ties[p] = 0.
+    all keys equal to T (remaining < ties); otherwise nothing is read and seg_ties[p] = 0.
     """
     pid = tl.program_id(0)
-    split = tl.load(state_ptr) < tl.load(state_ptr + 1)
-    count = tl.load(seg_counts_ptr + pid, mask=split, other=0)
-    threshold = tl.load(threshold_ptr)
+    threshold, remaining, ties = _pick_next(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
+    count = tl.load(seg_counts_ptr + pid, mask=remaining < ties, other=0)
     seg_start = pid.to(tl.int64) * seg_len
-    ties = count * 0
+    found = count * 0
     for start in range(0, count, BLOCK):
         lane = start + tl.arange(0, BLOCK)
-        key = tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0)
-        ties += _sum(((lane < count) & (key == threshold)).to(tl.int32), 0)
-    tl.store(seg_ties_ptr + pid, ties)
+        key = tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0).to(tl.uint32, bitcast=True)
+        found += _sum(((lane < count) & (key == threshold.to(tl.uint32))).to(tl.int32), 0)
+    tl.store(seg_ties_ptr + pid, found)
 
 
 @triton.jit
-def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr, threshold_ptr, state_ptr,
+def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr, final_ptr, last_ptr,
                      num_segments, seg_len, SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
-    """state[2] = L, the index of the last key the selection takes among those equal to T (one program).
+    """last = L, the index of the last key the selection takes among those equal to T (one program).
 
-    When T's ties split (remaining < ties), L is the index of the remaining-th key equal to T in index
-    order: segments are in index order and keep their candidates in index order, so the segment is
-    found from the running sum of seg_ties and the key by a scan of that segment's candidates
-    (their indices come from cand_index). Otherwise every key equal to T is taken: L stays as set
-    by the caller, the last key index.
+    final = [T, remaining, ties] (the pick table's last row). When T's ties split (remaining < ties), L
+    is the index of the remaining-th key equal to T in index order: segments are in index order and
+    keep their candidates in index order, so the segment is found from the running sum of seg_ties and
+    the key by a scan of that segment's candidates (their indices come from cand_index). Otherwise
+    every key equal to T is taken: L stays as set by the caller, the last key index.
     The k smallest keys are then {b : key[b] < T, or key[b] == T and b <= L}.
     """
-    remaining = tl.load(state_ptr)
-    split = remaining < tl.load(state_ptr + 1)
+    threshold = tl.load(final_ptr).to(tl.uint32)
+    remaining = tl.load(final_ptr + 1)
+    split = remaining < tl.load(final_ptr + 2)
     segments = tl.arange(0, SEGMENTS)
     seg_ties = tl.load(seg_ties_ptr + segments, mask=segments < num_segments, other=0)
     seg = _sum((tl.associative_scan(seg_ties, 0, _sum_combine) < remaining).to(tl.int32), 0)
     rank = remaining - _sum(tl.where(segments < seg, seg_ties, 0), 0)  # 1-based, among seg's ties
     count = tl.load(seg_counts_ptr + seg, mask=split, other=0)
-    threshold = tl.load(threshold_ptr)
     seg_start = seg.to(tl.int64) * seg_len
-    last = tl.load(state_ptr + 2)
+    last = tl.load(last_ptr)
     seen = count * 0
     for start in range(0, count, BLOCK):
         lane = start + tl.arange(0, BLOCK)
-        equal = (lane < count) & (tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0) == threshold)
+        key = tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0).to(tl.uint32, bitcast=True)
+        equal = (lane < count) & (key == threshold)
         hit = equal & (seen + tl.associative_scan(equal.to(tl.int32), 0, _sum_combine) == rank)
         index = tl.load(cand_index_ptr + seg_start + lane, mask=hit, other=0).to(tl.int64)
         last = tl.where(_sum(hit.to(tl.int32), 0) > 0, _sum(tl.where(hit, index, 0), 0), last)
         seen += _sum(equal.to(tl.int32), 0)
-    tl.store(state_ptr + 2, last)
+    tl.store(last_ptr, last)
 
 
 @triton.jit
-def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, threshold_ptr, state_ptr,
+def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, final_ptr, last_ptr,
                             H, W, stride_h, stride_w, nbw, zeros_per_block, tune_key,
                             BH: tl.constexpr, BW: tl.constexpr, NORM: tl.constexpr, SELECT: tl.constexpr,
                             RANKED: tl.constexpr, PACKED: tl.constexpr, APPLY: tl.constexpr,
@@ -297,7 +315,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, threshold_ptr, state_ptr,
 
         selected(b) = SELECT_NONE: false;  SELECT_ALL: true;
                       SELECT_BY_KEY: key[b] < T  or  (key[b] == T and b <= L)
-                      (T from the radix select, L = state[2] from _tie_find_kernel)
+                      (T = final[0] from the radix select, L = last[0] from _tie_find_kernel)
         rank(r, c)  = #{valid (r', c') in block b : n(x[r', c']) < n(x[r, c]), or equal (NaN equal
                       to NaN, NaN above all) and (r', c') before (r, c) in row-major order}
         keep[r, c]  = not (selected(b) and (not RANKED or rank(r, c) < zeros_per_block))
@@ -319,8 +337,8 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, threshold_ptr, state_ptr,
     else:
         block = (rows // BH) * nbw + cols // BW
         key = tl.load(keys_ptr + block, mask=in_range, other=0).to(tl.uint32, bitcast=True)
-        threshold = tl.load(threshold_ptr).to(tl.uint32, bitcast=True)
-        zeroed = in_range & ((key < threshold) | ((key == threshold) & (block <= tl.load(state_ptr + 2))))
+        threshold = tl.load(final_ptr).to(tl.uint32)
+        zeroed = in_range & ((key < threshold) | ((key == threshold) & (block <= tl.load(last_ptr))))
     if RANKED:
         v = _element_norm(tl.load(x_ptr + rows * stride_h + cols * stride_w, mask=zeroed, other=0.0), NORM)
         row0 = (rows // BH) * BH

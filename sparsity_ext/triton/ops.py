@@ -103,9 +103,12 @@ class _Selection:
     """The radix select's device state for k of the n keys of `source` (int32 keys, or raw values).
 
     Key indices are cut into `segments` segments of seg_len (a multiple of _RADIX_BLOCK); one program
-    per segment in every radix pass. After run(): threshold = [T] (int32 bits of the k-th smallest
-    key), state = [remaining, ties, L] (kernels._radix_pick_kernel, kernels._tie_find_kernel), and
-    the candidate buffers hold the keys that share T's top 27 bits, per segment, in index order.
+    per segment in every radix pass. picks is the pick table: row r = [prefix, remaining, ties] once
+    the digits above digit r are chosen (kernels._pick_digit), row 0 = [0, k, k]; each pass picks the
+    digit above its own from the previous histogram, so no launch is spent on picking. After run():
+    final = the last row [T, remaining, ties] (T: the k-th smallest key), and the candidate buffers
+    hold the keys that share T's top 27 bits, per segment, in index order; after find_last_tie(),
+    last = [L] (kernels._tie_find_kernel).
     """
 
     def __init__(self, source: torch.Tensor, k: int, from_values: bool, track_index: bool):
@@ -120,21 +123,24 @@ class _Selection:
         # Without ties to break (select_threshold), no indices are kept: cand_keys stands in, never written.
         self.cand_index = torch.empty(n, dtype=index_dtype, device=device) if track_index else self.cand_keys
         self.seg_counts = torch.empty(self.segments, dtype=torch.int64, device=device)
-        self.threshold = torch.zeros(1, dtype=torch.int32, device=device)
-        self.state = torch.full((3,), k, dtype=torch.int64, device=device)  # fills: no host-to-device copy
-        self.state[2] = n - 1
+        self.picks = torch.zeros(len(kernels.RADIX_DIGITS) + 1, 3, dtype=torch.int64, device=device)
+        self.picks[0, 1:] = k  # fills: no host-to-device copy
+        self.final = self.picks[-1]
+        self.last = torch.full((1,), n - 1, dtype=torch.int64, device=device)
 
-    def radix_pass(self, hist_row, digit: int, first: bool, histogram: bool, compact: bool) -> None:
-        prefix_shift = kernels.RADIX_DIGITS[digit - 1][0] if digit > 0 else 32
+    def radix_pass(self, hist, digit: int, first: bool, histogram: bool, compact: bool) -> None:
         shift, bits = kernels.RADIX_DIGITS[digit]
+        prev_shift, prev_bits = kernels.RADIX_DIGITS[digit - 1] if digit > 0 else (32, bits)
         kernels._radix_histogram_kernel[(self.segments,)](
-            self.source, self.cand_keys, self.cand_index, self.seg_counts, self.threshold, hist_row,
-            self.n, self.seg_len, PREFIX_SHIFT=prefix_shift, DIGIT_SHIFT=shift, NBINS=1 << bits, FIRST=first,
+            self.source, self.cand_keys, self.cand_index, self.seg_counts, self.picks[max(digit - 1, 0)],
+            hist[max(digit - 1, 0)], hist[digit], self.n, self.seg_len, PREFIX_SHIFT=prev_shift,
+            PREV_NBINS=1 << prev_bits, DIGIT_SHIFT=shift, NBINS=1 << bits, FIRST=first,
             FROM_VALUES=first and self.from_values, HISTOGRAM=histogram, COMPACT=compact,
             TRACK_INDEX=self.track_index, BLOCK=_RADIX_BLOCK)
 
     def run(self, hist: torch.Tensor) -> None:
-        """Every digit; hist[0] must already hold the first digit's histogram unless from_values.
+        """Every digit pass; hist[0] must already hold the first digit's histogram unless from_values.
+        The last digit is picked by find_last_tie() or pick_last().
 
         The passes of the first two digits read every key; then one more pass over every key only
         compacts those that share the first two digits (12 bits: sign, exponent and 3 mantissa bits,
@@ -142,24 +148,30 @@ class _Selection:
         exponent range), and the passes of the later digits read only those, compacting in place.
         The compacting pass builds no histogram (the costly part of a pass over every key): the
         next digit's histogram is taken over the compacted keys."""
+        self.hist = hist
         last = len(kernels.RADIX_DIGITS) - 1
-        for digit, (shift, bits) in enumerate(kernels.RADIX_DIGITS):
+        for digit in range(len(kernels.RADIX_DIGITS)):
             if digit == _FIRST_COMPACTING_DIGIT:
-                self.radix_pass(hist[digit], digit, first=True, histogram=False, compact=True)
+                self.radix_pass(hist, digit, first=True, histogram=False, compact=True)
             if digit > 0 or self.from_values:
-                self.radix_pass(hist[digit], digit, first=digit < _FIRST_COMPACTING_DIGIT, histogram=True,
+                self.radix_pass(hist, digit, first=digit < _FIRST_COMPACTING_DIGIT, histogram=True,
                                 compact=_FIRST_COMPACTING_DIGIT < digit < last)
-            kernels._radix_pick_kernel[(1,)](hist[digit], self.threshold, self.state, DIGIT_SHIFT=shift,
-                                             NBINS=1 << bits)
+
+    def pick_last(self) -> None:
+        """final = the last row of the pick table."""
+        shift, bits = kernels.RADIX_DIGITS[-1]
+        kernels._radix_pick_kernel[(1,)](self.hist[-1], self.picks[-2], DIGIT_SHIFT=shift, NBINS=1 << bits)
 
     def find_last_tie(self) -> None:
-        """state[2] = L (kernels._tie_find_kernel): two passes over the candidates left, which read
-        nothing unless the k smallest take only part of the keys equal to T."""
+        """final, as pick_last(), and last = [L] (kernels._tie_find_kernel): two passes over the
+        candidates left, which read nothing unless the k smallest take only part of the keys equal to T."""
+        shift, bits = kernels.RADIX_DIGITS[-1]
         seg_ties = torch.empty(self.segments, dtype=torch.int64, device=self.source.device)
-        kernels._tie_count_kernel[(self.segments,)](self.cand_keys, self.seg_counts, self.threshold, self.state,
-                                                    seg_ties, self.seg_len, BLOCK=_RADIX_BLOCK)
-        kernels._tie_find_kernel[(1,)](self.cand_keys, self.cand_index, self.seg_counts, seg_ties, self.threshold,
-                                       self.state, self.segments, self.seg_len,
+        kernels._tie_count_kernel[(self.segments,)](self.cand_keys, self.seg_counts, self.picks[-2], self.hist[-1],
+                                                    seg_ties, self.seg_len, DIGIT_SHIFT=shift, NBINS=1 << bits,
+                                                    BLOCK=_RADIX_BLOCK)
+        kernels._tie_find_kernel[(1,)](self.cand_keys, self.cand_index, self.seg_counts, seg_ties, self.final,
+                                       self.last, self.segments, self.seg_len,
                                        SEGMENTS=max(16, triton.next_power_of_2(self.segments)), BLOCK=_RADIX_BLOCK)
 
 
@@ -176,11 +188,11 @@ def _write_mask(x, out, selection, block_shape, zeros_per_block, norm, select, p
         launch(kernels._nm4_mask_kernel)[(triton.cdiv(h, tile_r) * triton.cdiv(triton.cdiv(w, 4), tile_g),)](
             x, out, h, w, x.stride(0), x.stride(1), zeros_per_block, NORM=norm, TILE_R=tile_r, TILE_G=tile_g)
         return
-    keys, threshold, state = selection if selection is not None else (x, x, x)
+    keys, final, last = selection if selection is not None else (x, x, x)
     kernel, config = kernels.block_norm_mask()
     launch(kernel)[
         lambda meta: (triton.cdiv(h, meta["TILE_R"]) * triton.cdiv(triton.cdiv(w, 8), meta["TILE_BYTES"]),)](
-        x, out, keys, threshold, state, h, w, x.stride(0), x.stride(1),
+        x, out, keys, final, last, h, w, x.stride(0), x.stride(1),
         triton.cdiv(w, bw), zeros_per_block, _tune_key(h, w), BH=bh, BW=bw, NORM=norm, SELECT=select,
         RANKED=zeros_per_block < bh * bw, PACKED=packed, APPLY=apply, **config)
 
@@ -205,7 +217,7 @@ def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, p
         radix = _Selection(keys, k, from_values=False, track_index=True)
         radix.run(hist)
         radix.find_last_tie()
-        selection = (keys, radix.threshold, radix.state)
+        selection = (keys, radix.final, radix.last)
     ranked = zeros_per_block < bh * bw
     # Packed bytes are written directly when no byte straddles two rows; else a bool mask is packed after.
     target = out if not packed or w % 8 == 0 else torch.empty((h, w), dtype=torch.bool, device=data.device)
@@ -253,11 +265,12 @@ def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     # The radix passes read the values themselves (keys computed on the fly, never stored).
     radix = _Selection(values.contiguous(), k, from_values=True, track_index=False)
     radix.run(torch.zeros(len(kernels.RADIX_DIGITS), kernels.RADIX_BINS, dtype=torch.int64, device=values.device))
+    radix.pick_last()
     # Invert kernels._score_key (0xFFFFFFFF becomes the NaN 0x7FFFFFFF).
-    key = radix.threshold.to(torch.int64) & 0xFFFFFFFF
+    key = radix.final[:1]
     bits = torch.where(key >= 2 ** 31, key - 2 ** 31, 0xFFFFFFFF - key)
     bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
-    return bits.view(torch.float32).to(values.dtype).reshape(()), radix.state[0].clone()
+    return bits.view(torch.float32).to(values.dtype).reshape(()), radix.final[1].clone()
 
 
 @select_threshold.register_fake

@@ -1,10 +1,13 @@
 // CPU kernels of the block-norm masks: block_norm_mask, block_norm_mask_apply_, nm_mask.
 //
 // Pipeline (DESIGN.md "Algorithms"): one scoring pass writes one order key per block (and pass 0 of
-// the radix histogram); a radix select finds the k-th smallest key and the tie cut-off; one pass over
-// the flat element range writes the mask (bool, or packed bits with each task owning whole bytes) and,
-// for the _apply_ variant, zeroes the data in place. Extra memory: 4 bytes per block (+8 per block
-// when blocks with zeros_per_block < block size are too large for in-register ranking).
+// the radix histogram, 11-bit digits); a radix select finds the k-th smallest key (pass 1 over all keys
+// gathers the survivors of pass 0 when they are at most half, pass 2 reads only those) and, when ties
+// at the threshold are split, the last selected block; one pass over the flat element range writes the
+// mask (bool, or packed bits with each task owning whole bytes) and, for the _apply_ variant, zeroes
+// the data in place (one-row blocks ranked in the mask pass: zeroed in a second pass, see
+// zero_dropped). Extra memory: 4 bytes per block, +8 per block for the cuts of blocks that are not one
+// row of <= 32 columns when zeros_per_block < block size.
 //
 // Strided input: a unit column stride and any row stride >= cols are read in place; other layouts
 // are copied to a contiguous buffer first (and, for _apply_, the zeroed buffer is copied back).
@@ -35,7 +38,7 @@ constexpr int64_t kPackTile = 4096;       // elements staged as bools before pac
 enum class ZeroMode {
   kWholeBlock,  // zeros_per_block >= block size: every valid element
   kRowRank,     // one-row blocks of <= 32 elements: ranked in registers while the mask is written
-  kCut,         // any other block: a per-block cut computed beforehand (smallest_z_cut)
+  kCut,         // any other block: a per-block cut computed beforehand (block_cut_cpu)
 };
 
 template <typename T>

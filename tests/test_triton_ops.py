@@ -173,15 +173,14 @@ def test_radix_select_over_segments_of_many_tiles(small_radix_tiles):
     data = (torch.arange(25 * 40) * 7919 % 4).reshape(25, 40).to(torch.float32).to(DEVICE)
     n = data.numel()
     zeros_count = int((data == 0).sum())
-    for k in (1, 50, 100, 200, zeros_count, zeros_count + 5, 600, n - 1):
+    for k in (50, 100, 200, zeros_count, zeros_count + 5):  # the last two: all of T's ties, and T = 1
         assert_block_mask_matches(data, k / n, (1, 1), 1, 1)
     smooth = tie_free((30, 64), device=DEVICE, seed=20)
-    for level in (0.3, 0.8):
-        assert_block_mask_matches(smooth, level, (1, 4), 4, 1, packed=True)
-        assert_block_mask_matches(smooth, level, (1, 2), 1, 2)
+    assert_block_mask_matches(smooth, 0.8, (1, 4), 4, 1, packed=True)
+    assert_block_mask_matches(smooth, 0.3, (1, 2), 1, 2)
     values = randn(1500, seed=21).round()  # ties
     values[[10, 700, 1400]] = float("nan")
-    for k in (1, 500, 1200, 1497, 1498, 1500):
+    for k in (1, 1200, 1498, 1500):
         got_value, got_rank = on_triton(ops.select_threshold, values, k)
         want_value, want_rank = reference.select_threshold(values, k)
         assert torch.equal(got_value, want_value) or (got_value.isnan() and want_value.isnan()), k

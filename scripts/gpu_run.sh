@@ -55,9 +55,8 @@ fi
 
 if [[ " $steps " == *" bench "* ]]; then
   t0=$(date +%s)
-  PYTHONPATH=$PWD "$PY" benchmarks/bench_sparsifiers.py --device cuda --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -n 30
-  for extra in benchmarks/bench_ops.py; do
-    [ -f "$extra" ] && PYTHONPATH=$PWD "$PY" "$extra" --device cuda --out "$out" 2>&1 | tee -a "$out/bench.log" | tail -n 30
+  for bench in benchmarks/bench_ops.py benchmarks/bench_sparsifiers.py; do
+    PYTHONPATH=$PWD "$PY" "$bench" --device cuda --out "$out" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench.log" | grep -E "^\|"
   done
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi

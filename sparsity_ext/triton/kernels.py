@@ -5,7 +5,10 @@ whether they run compiled (GPU) or in its interpreter (TRITON_INTERPRET=1, CPU t
 
 The kernels call only triton builtins and the @triton.jit helpers below (no tl.sum, tl.cumsum, tl.zeros,
 tl.cdiv: triton's standard library decorates those when triton itself is imported), so
-TRITON_INTERPRET=1 works whenever it is set before this module is imported.
+TRITON_INTERPRET=1 works whenever it is set before this module is imported. Sums are
+tl.reduce(x, axis, _sum_combine) with triton's own add combiner, which the interpreter recognises and
+runs with numpy; they are not wrapped in a helper because each @triton.jit helper call costs the
+interpreter about a millisecond (it re-patches triton.language on every call).
 
 Index arithmetic is int64 wherever it addresses the data, so tensors past 2**31 elements work.
 2-D tiles are launched on a 1-D grid (program id -> (tile row, tile column) by one scalar division)
@@ -31,13 +34,6 @@ SELECT_NONE, SELECT_ALL, SELECT_BY_KEY = 0, 1, 2
 
 
 # ------------------------------------------------------------------------------------ helpers
-@triton.jit
-def _sum(x, axis: tl.constexpr):
-    """tl.sum of x along axis (x int32/int64), as tl.reduce with triton's own add combiner, which the
-    interpreter recognises and runs with numpy (a combiner of ours would run element by element)."""
-    return tl.reduce(x, axis, _sum_combine)
-
-
 @triton.jit
 def _element_norm(x, NORM: tl.constexpr):
     """n(x) in fp32: NORM 0 -> x, 1 -> |x|, 2 -> x*x (one IEEE multiply)."""
@@ -107,7 +103,7 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
     """
     num_tiles = ((nbh + TILE_R - 1) // TILE_R) * ((nbw + TILE_C - 1) // TILE_C)
     local = tl.full([NBINS], 0, dtype=tl.int32)
-    outside = tl.program_id(0) * 0  # tile slots past the last block, binned at 0 by the histogram
+    outside = tl.full([TILE_R * TILE_C], 0, dtype=tl.int32)  # slots past the last block, binned at 0
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         bi, bj = _tile_2d(tile, nbw, TILE_R, TILE_C)
         in_range = (bi < nbh) & (bj < nbw)
@@ -137,8 +133,9 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
         counted = tl.reshape(in_range, [TILE_R * TILE_C])
         digit = tl.reshape((key >> DIGIT_SHIFT).to(tl.int32), [TILE_R * TILE_C])
         local += tl.histogram(tl.where(counted, digit, 0), NBINS)
-        outside += _sum((~counted).to(tl.int32), 0)
-    _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, outside, 0), NBINS)
+        outside += (~counted).to(tl.int32)
+    outside_count = tl.reduce(outside, 0, _sum_combine)
+    _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, outside_count, 0), NBINS)
 
 
 @triton.jit
@@ -149,22 +146,19 @@ def _pick_digit(hist_ptr, picked_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.const
     1-based, among the candidates, i.e. the keys that share prefix's digits). With hist this digit's
     histogram over the candidates and cum(d) = sum_{e <= d} hist[e]:
         d* = #{d : cum(d) < remaining}      (the first digit whose cumulative count reaches it)
-        returns (prefix | d* << DIGIT_SHIFT,  remaining - cum(d* - 1),  hist[d*])
-    After the last digit, prefix is the k-th smallest key T, ties = #{b : key[b] == T}, and the k
-    smallest keys are those < T plus the first `remaining` (lowest-indexed) keys equal to T.
+        next = [prefix | d* << DIGIT_SHIFT,  remaining - cum(d* - 1),  hist[d*]]
+    is returned to every program and stored by program 0 as the row after picked. After the last
+    digit, prefix is the k-th smallest key T, ties = #{b : key[b] == T}, and the k smallest keys are
+    those < T plus the first `remaining` (lowest-indexed) keys equal to T.
     """
     bins = tl.arange(0, NBINS)
     hist = tl.load(hist_ptr + bins)
     remaining = tl.load(picked_ptr + 1)
-    digit = _sum((tl.associative_scan(hist, 0, _sum_combine) < remaining).to(tl.int32), 0)
+    below = tl.associative_scan(hist, 0, _sum_combine) < remaining  # the bins before d*
+    digit = tl.reduce(below.to(tl.int32), 0, _sum_combine)
     prefix = tl.load(picked_ptr) | (digit.to(tl.int64) << DIGIT_SHIFT)
-    return prefix, remaining - _sum(tl.where(bins < digit, hist, 0), 0), _sum(tl.where(bins == digit, hist, 0), 0)
-
-
-@triton.jit
-def _pick_next(hist_ptr, picked_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
-    """_pick_digit, also stored (by program 0) as the row after picked; every program gets the result."""
-    prefix, remaining, ties = _pick_digit(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
+    remaining -= tl.reduce(tl.where(below, hist, 0), 0, _sum_combine)
+    ties = tl.reduce(tl.where(bins == digit, hist, 0), 0, _sum_combine)
     first = tl.program_id(0) == 0
     tl.store(picked_ptr + 3, prefix, mask=first)
     tl.store(picked_ptr + 4, remaining, mask=first)
@@ -181,7 +175,7 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
     """Histogram of one radix digit over the keys that still are candidates, and/or their compaction.
 
     Unless PREFIX_SHIFT == 32 (the first digit: no prefix), the pass first picks the digit above this
-    one (_pick_next from prev_hist and the pick-table row picked), which gives p = prefix: the digits
+    one (_pick_digit from prev_hist and the pick-table row picked), which gives p = prefix: the digits
     above this one, already chosen (lower bits 0).
     Program p owns the segment [s_p, s_p + seg_len) of the key indices (s_p = p * seg_len) and reads
       FIRST:  every key of its segment, from src (int32 keys; with FROM_VALUES raw values v, whose key
@@ -197,14 +191,14 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
     """
     pid = tl.program_id(0)
     if PREFIX_SHIFT != 32:
-        prefix = _pick_next(prev_hist_ptr, picked_ptr, PREFIX_SHIFT, PREV_NBINS)[0].to(tl.uint32)
+        prefix = _pick_digit(prev_hist_ptr, picked_ptr, PREFIX_SHIFT, PREV_NBINS)[0].to(tl.uint32)
     seg_start = pid.to(tl.int64) * seg_len
     if FIRST:
         count = tl.minimum(num_keys - seg_start, seg_len).to(tl.int64)
     else:
         count = tl.load(seg_counts_ptr + pid)
     local = tl.full([NBINS], 0, dtype=tl.int32)
-    others = count * 0  # keys read that are no candidates, binned at 0 by the histogram
+    others = tl.full([BLOCK], 0, dtype=tl.int32)  # keys read that are no candidates, binned at 0
     written = count * 0
     for start in range(0, count, BLOCK):
         lane = start + tl.arange(0, BLOCK)
@@ -224,7 +218,7 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
         if HISTOGRAM:
             digit = ((key >> DIGIT_SHIFT) & (NBINS - 1)).to(tl.int32)
             local += tl.histogram(tl.where(candidate, digit, 0), NBINS)
-            others += _sum((~candidate).to(tl.int32), 0)
+            others += (~candidate).to(tl.int32)
         if COMPACT:
             if TRACK_INDEX:
                 if FIRST:
@@ -237,17 +231,18 @@ def _radix_histogram_kernel(src_ptr, cand_keys_ptr, cand_index_ptr, seg_counts_p
             tl.store(cand_keys_ptr + slot, key.to(tl.int32, bitcast=True), mask=candidate)
             if TRACK_INDEX:
                 tl.store(cand_index_ptr + slot, index.to(cand_index_ptr.dtype.element_ty), mask=candidate)
-            written += _sum(flag, 0)
+            written += tl.reduce(flag, 0, _sum_combine)
     if COMPACT:
         tl.store(seg_counts_ptr + pid, written)
     if HISTOGRAM:
-        _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, others, 0).to(tl.int32), NBINS)
+        others_count = tl.reduce(others, 0, _sum_combine)
+        _flush_histogram(hist_ptr, local - tl.where(tl.arange(0, NBINS) == 0, others_count, 0), NBINS)
 
 
 @triton.jit
 def _radix_pick_kernel(hist_ptr, picked_ptr, DIGIT_SHIFT: tl.constexpr, NBINS: tl.constexpr):
-    """The last digit's pick (one program): the row after picked = _pick_digit(hist, picked)."""
-    _pick_next(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
+    """The last digit's pick (one program): the pick table's row after picked (_pick_digit)."""
+    _pick_digit(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
 
 
 @triton.jit
@@ -260,14 +255,14 @@ def _tie_count_kernel(cand_keys_ptr, seg_counts_ptr, picked_ptr, hist_ptr, seg_t
     all keys equal to T (remaining < ties); otherwise nothing is read and seg_ties[p] = 0.
     """
     pid = tl.program_id(0)
-    threshold, remaining, ties = _pick_next(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
+    threshold, remaining, ties = _pick_digit(hist_ptr, picked_ptr, DIGIT_SHIFT, NBINS)
     count = tl.load(seg_counts_ptr + pid, mask=remaining < ties, other=0)
     seg_start = pid.to(tl.int64) * seg_len
     found = count * 0
     for start in range(0, count, BLOCK):
         lane = start + tl.arange(0, BLOCK)
         key = tl.load(cand_keys_ptr + seg_start + lane, mask=lane < count, other=0).to(tl.uint32, bitcast=True)
-        found += _sum(((lane < count) & (key == threshold.to(tl.uint32))).to(tl.int32), 0)
+        found += tl.reduce(((lane < count) & (key == threshold.to(tl.uint32))).to(tl.int32), 0, _sum_combine)
     tl.store(seg_ties_ptr + pid, found)
 
 
@@ -288,8 +283,9 @@ def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr
     split = remaining < tl.load(final_ptr + 2)
     segments = tl.arange(0, SEGMENTS)
     seg_ties = tl.load(seg_ties_ptr + segments, mask=segments < num_segments, other=0)
-    seg = _sum((tl.associative_scan(seg_ties, 0, _sum_combine) < remaining).to(tl.int32), 0)
-    rank = remaining - _sum(tl.where(segments < seg, seg_ties, 0), 0)  # 1-based, among seg's ties
+    before = tl.associative_scan(seg_ties, 0, _sum_combine) < remaining  # the segments before seg
+    seg = tl.reduce(before.to(tl.int32), 0, _sum_combine)
+    rank = remaining - tl.reduce(tl.where(before, seg_ties, 0), 0, _sum_combine)  # 1-based, among seg's ties
     count = tl.load(seg_counts_ptr + seg, mask=split, other=0)
     seg_start = seg.to(tl.int64) * seg_len
     last = tl.load(last_ptr)
@@ -300,8 +296,9 @@ def _tie_find_kernel(cand_keys_ptr, cand_index_ptr, seg_counts_ptr, seg_ties_ptr
         equal = (lane < count) & (key == threshold)
         hit = equal & (seen + tl.associative_scan(equal.to(tl.int32), 0, _sum_combine) == rank)
         index = tl.load(cand_index_ptr + seg_start + lane, mask=hit, other=0).to(tl.int64)
-        last = tl.where(_sum(hit.to(tl.int32), 0) > 0, _sum(tl.where(hit, index, 0), 0), last)
-        seen += _sum(equal.to(tl.int32), 0)
+        last = tl.where(tl.reduce(hit.to(tl.int32), 0, _sum_combine) > 0,
+                        tl.reduce(tl.where(hit, index, 0), 0, _sum_combine), last)
+        seen += tl.reduce(equal.to(tl.int32), 0, _sum_combine)
     tl.store(last_ptr, last)
 
 
@@ -360,7 +357,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, final_ptr, last_ptr,
                  mask=zeroed)
     keep = (in_range & ~zeroed).to(tl.int32)
     if PACKED:
-        byte = _sum(keep << bits, 2).to(tl.uint8)
+        byte = tl.reduce(keep << bits, 2, _sum_combine).to(tl.uint8)
         tl.store(out_ptr + tile_rows * (W // 8) + byte_cols, byte, mask=(tile_rows < H) & (byte_cols * 8 < W))
     else:
         tl.store(out_ptr + rows * W + cols, keep != 0, mask=in_range)
@@ -432,7 +429,8 @@ def _pack_mask_kernel(mask_ptr, out_ptr, numel, num_bytes, BLOCK_BYTES: tl.const
     bits = tl.arange(0, 8)
     flat = byte[:, None] * 8 + bits[None, :]
     keep = tl.load(mask_ptr + flat, mask=flat < numel, other=0).to(tl.int32)
-    tl.store(out_ptr + byte, _sum((keep != 0).to(tl.int32) << bits[None, :], 1).to(tl.uint8), mask=byte < num_bytes)
+    byte_bits = tl.reduce((keep != 0).to(tl.int32) << bits[None, :], 1, _sum_combine)
+    tl.store(out_ptr + byte, byte_bits.to(tl.uint8), mask=byte < num_bytes)
 
 
 @triton.jit

@@ -146,14 +146,20 @@ def test_register_layer_merges_defaults_and_attaches_the_aggregate_hook():
     assert sparsifier.defaults["mask_fn"] is None  # the default mask_fn is filled in per layer only
 
 
-def test_register_layer_again_warns_and_replaces_the_config():
+def test_register_layer_twice_raises_and_keeps_the_first_registration():
     sparsifier = make()
     layer = sparsifier.model.conv1
-    old_hook = sparsifier.data_groups["conv1"]["hook"]
-    with pytest.warns(UserWarning, match="already registered"):
+    old_config = dict(sparsifier.data_groups["conv1"])
+    old_level = old_config["sparse_config"].get("sparsity_level")
+    with pytest.raises(ValueError, match="already registered.*unregister_layer"):
         sparsifier.register_layer(layer, mask_fn=norm_mask, sparsity_level=0.9)
+    assert sparsifier.data_groups["conv1"]["sparse_config"].get("sparsity_level") == old_level
+    assert sparsifier.data_groups["conv1"]["hook"] is old_config["hook"]
+    assert list(layer._forward_pre_hooks) == [old_config["hook"].id]
+    sparsifier.unregister_layer("conv1")  # the explicit way to re-configure a layer
+    sparsifier.register_layer(layer, mask_fn=norm_mask, sparsity_level=0.9)
     assert sparsifier.data_groups["conv1"]["sparse_config"]["sparsity_level"] == 0.9
-    assert old_hook.id not in layer._forward_pre_hooks and len(layer._forward_pre_hooks) == 1
+    assert len(layer._forward_pre_hooks) == 1
 
 
 def test_unregister_layer_detaches_everything():

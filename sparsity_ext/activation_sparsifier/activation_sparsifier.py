@@ -23,8 +23,8 @@ Differences from torch.ao.pruning (torch.ao.pruning raises, silently misbehaves 
 - Bad input raises ValueError/TypeError before anything changes: an unknown layer or layer name,
   non-callable functions, features without feature_dim, bad block-mask arguments, `step` without
   aggregated activations, `squash_mask` before any forward, a state_dict naming layers the model
-  lacks. Re-registering a layer keeps torch.ao.pruning's behaviour: a warning, then the new config
-  replaces the old one.
+  lacks, and a layer registered twice (torch.ao.pruning warns and silently replaces the first config
+  and drops its mask; here re-configuring a layer is explicit: unregister_layer, then register_layer).
 - `squash_mask(attach_sparsify_hook=False)` records hook_state "None" (torch.ao.pruning records
   "sparsify" though no hook is attached); load_state_dict removes the hooks this sparsifier had
   attached before attaching the loaded ones.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import warnings
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -215,9 +214,12 @@ class ActivationSparsifier:
         """Attaches the aggregating pre-hook to `layer` (a submodule of the model, named by its fqn).
 
         Arguments left None take the constructor's defaults; **sparse_config updates the default
-        sparse_config. Registering a layer again warns and replaces its config (and drops its mask).
+        sparse_config. A layer already registered raises ValueError (unregister it first).
         """
         name = self._layer_name(layer, "register_layer")
+        if name in self.data_groups:
+            raise ValueError(f"register_layer: layer {name!r} is already registered; call "
+                             f"unregister_layer({name!r}) first to register it with a new config")
         config = copy.deepcopy(dict(self.defaults))
         given = {"aggregate_fn": aggregate_fn, "reduce_fn": reduce_fn, "mask_fn": mask_fn,
                  "features": features, "feature_dim": feature_dim, "layer": layer}
@@ -227,10 +229,6 @@ class ActivationSparsifier:
             config["mask_fn"] = block_norm_mask_fn
         self._safe_rail_checks(config)
 
-        if name in self.data_groups:
-            warnings.warn(f"layer {name!r} is already registered: unregistering it and registering it "
-                          "with the new config", stacklevel=2)
-            self.unregister_layer(name)
         self.data_groups[name] = config
         self.state[name]["mask"] = None  # known once the layer has seen an input
         config["hook"] = layer.register_forward_pre_hook(self._aggregate_hook(name))

@@ -175,6 +175,18 @@ SPX_HD float block_mean_norm(const T* data, int64_t ld, const BlockGrid& grid, i
   return sum / static_cast<float>(nrows * ncols);
 }
 
+// How the elements of a selected block are chosen, the same on the CPU and the GPU.
+enum class ZeroMode : int {
+  kWholeBlock = 0,  // zeros_per_block >= block size: every valid element
+  kRowRank = 1,     // one-row blocks of <= 32 columns: ranked in registers while the mask is written
+  kCut = 2,         // any other block: through a per-block cut computed beforehand (smallest_z_cut)
+};
+
+SPX_HD ZeroMode zero_mode(const BlockGrid& grid, int64_t zeros_per_block) {
+  if (zeros_per_block >= grid.block_size()) return ZeroMode::kWholeBlock;
+  return grid.block_rows == 1 && grid.block_cols <= 32 ? ZeroMode::kRowRank : ZeroMode::kCut;
+}
+
 // --------------------------------------------------------------- selection inside one block
 // Valid elements of a block are numbered row-major among the valid ones (p = r * valid_cols + c);
 // the z elements with the smallest (key, p) are zeroed.

@@ -76,6 +76,16 @@ inline bool rows_readable_in_place(const at::Tensor& t) {
 
 inline int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
 
+// An all-keep mask: every bool true, or every bit of the numel elements set (padding bits stay 0).
+inline void fill_ones(at::Tensor& mask, bool packed, int64_t numel) {
+  if (!packed) {
+    mask.fill_(true);
+    return;
+  }
+  mask.fill_(0xFF);
+  if (numel % 8 != 0) mask.narrow(0, mask.numel() - 1, 1).fill_(static_cast<int64_t>((1u << (numel % 8)) - 1u));
+}
+
 inline at::Tensor empty_mask(const at::Tensor& data, bool packed) {
   return packed ? at::empty({(data.numel() + 7) / 8}, data.options().dtype(at::kByte))
                 : at::empty(data.sizes(), data.options().dtype(at::kBool));

@@ -34,13 +34,6 @@ constexpr int64_t kMaskUnit = 64;         // mask tasks start at multiples of 64
 constexpr int64_t kMaskGrain = 1 << 16;   // elements per mask task
 constexpr int64_t kPackTile = 4096;       // elements staged as bools before packing
 
-// How the elements of a selected block are chosen.
-enum class ZeroMode {
-  kWholeBlock,  // zeros_per_block >= block size: every valid element
-  kRowRank,     // one-row blocks of <= 32 elements: ranked in registers while the mask is written
-  kCut,         // any other block: a per-block cut computed beforehand (block_cut_cpu)
-};
-
 template <typename T>
 struct Plan {
   T* data;
@@ -350,15 +343,6 @@ void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed, bool apply) 
   write_mask<kMode, 0>(plan, mask, packed, apply);
 }
 
-void fill_ones(at::Tensor& mask, bool packed, int64_t numel) {
-  if (!packed) {
-    mask.fill_(true);
-    return;
-  }
-  mask.fill_(0xFF);
-  if (numel % 8 != 0) mask[-1] = static_cast<uint8_t>((1u << (numel % 8)) - 1u);
-}
-
 // data = 0 where the finished mask (bool, or packed bits) is 0.
 template <typename T>
 void zero_dropped(const Plan<T>& plan, const at::Tensor& mask, bool packed) {
@@ -386,9 +370,7 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
     return;
   }
   Plan<T> plan{data, ld, grid, zeros_per_block, norm, k == num_blocks};
-  const ZeroMode mode = zeros_per_block >= grid.block_size() ? ZeroMode::kWholeBlock
-                        : (grid.block_rows == 1 && grid.block_cols <= 32) ? ZeroMode::kRowRank
-                                                                          : ZeroMode::kCut;
+  const ZeroMode mode = zero_mode(grid, zeros_per_block);
   // uninitialized O(num_blocks) buffers: every entry is written by the scoring pass
   const at::Tensor keys = plan.all_selected ? at::Tensor() : at::empty({num_blocks}, mask.options().dtype(at::kInt));
   const at::Tensor cuts = mode == ZeroMode::kCut ? at::empty({num_blocks}, mask.options().dtype(at::kLong)) : at::Tensor();

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "common/mask_math.h"
+#include "common/op_args.h"
 #include "cuda/launch.h"
 #include "cuda/mask_kernels.cuh"
 
@@ -44,15 +45,6 @@ void radix_select(const Keys& keys, int64_t n, int64_t k, SelectWorkspace* ws, b
     }
     launch(radix_step_kernel, 1, stream, ws->hist[pass], &ws->state, pass, k);
   }
-}
-
-inline void fill_ones(at::Tensor& mask, bool packed, int64_t numel) {
-  if (!packed) {
-    mask.fill_(true);
-    return;
-  }
-  mask.fill_(0xFF);
-  if (numel % 8 != 0) mask.narrow(0, mask.numel() - 1, 1).fill_(static_cast<int64_t>((1u << (numel % 8)) - 1u));
 }
 
 template <typename T>
@@ -86,9 +78,7 @@ void block_mask(T* data, int64_t ld, const BlockGrid& grid, double sparsity_leve
   }
   const cudaStream_t stream = current_stream();
   const bool all_selected = k == num_blocks;
-  const ZeroMode mode = zeros_per_block >= grid.block_size() ? ZeroMode::kWholeBlock
-                        : (grid.block_rows == 1 && grid.block_cols <= 32) ? ZeroMode::kRowRank
-                                                                          : ZeroMode::kCut;
+  const ZeroMode mode = zero_mode(grid, zeros_per_block);
   const at::TensorOptions options = mask.options();
   // uninitialized O(num_blocks) buffers: every entry is written by block_keys_kernel
   const at::Tensor keys = all_selected ? at::Tensor() : at::empty({num_blocks}, options.dtype(at::kInt));

@@ -26,13 +26,6 @@ namespace cuda {
 constexpr int kChunk = 32;      // flat elements per thread in the mask kernels: one 32-bit word of bits
 constexpr int kTieTile = 8192;  // keys per CTA when counting ties
 
-// How the elements of a selected block are chosen (same meaning as the CPU kernels').
-enum class ZeroMode : int {
-  kWholeBlock = 0,  // zeros_per_block >= block size: every valid element
-  kRowRank = 1,     // one-row blocks of <= 32 columns, ranked in registers
-  kCut = 2,         // any other block, through its precomputed cut
-};
-
 // ------------------------------------------------------------------------------ small helpers
 // Adds 1 to hist[bin] for every lane with `valid`; lanes with the same bin add once together.
 // Every lane of the warp must call it (loops keep warps converged; `valid` masks the tail).

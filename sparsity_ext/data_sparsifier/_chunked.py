@@ -23,7 +23,8 @@ import torch
 
 from .. import _backend, ops, reference
 
-__all__ = ["block_norm_mask_chunked", "packed_ones", "DEFAULT_MAX_CHUNK_BYTES"]
+__all__ = ["block_norm_mask_chunked", "packed_ones", "score_chunk", "select_blocks", "chunk_keep",
+           "DEFAULT_MAX_CHUNK_BYTES"]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 << 20  # table bytes processed at once
 
@@ -48,7 +49,13 @@ def _rows_per_chunk(shape: tuple[int, int], block_rows: int, itemsize: int, max_
     return max(unit, min(rows, -(-height // unit) * unit))
 
 
-def _select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+def score_chunk(chunk: torch.Tensor, block_shape: tuple[int, int], norm_code: int) -> torch.Tensor:
+    """Score (mean element norm, in the scoring dtype) of every block of a 2-D chunk whose first row starts a
+    block row, row-major over the chunk's blocks: the chunk's slice of the whole table's block scores."""
+    return reference.block_scores(reference.element_norm(chunk, norm_code), block_shape)
+
+
+def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     """bool per block: the k smallest scores, NaN largest, ties by lower index (ops.select_threshold's rule)."""
     threshold, tie_rank = ops.select_threshold(scores, k)
     if torch.isnan(threshold):
@@ -66,6 +73,21 @@ def _expand_blocks(flags: torch.Tensor, block_shape: tuple[int, int], block_cols
     block_rows = flags.numel() // block_cols
     grid = flags.view(block_rows, 1, block_cols, 1).expand(block_rows, bh, block_cols, bw)
     return grid.reshape(block_rows * bh, block_cols * bw)[:rows, :width]
+
+
+def chunk_keep(chunk: torch.Tensor, selected: torch.Tensor | None, block_shape: tuple[int, int],
+               zeros_per_block: int, norm_code: int) -> torch.Tensor:
+    """Keep flags (bool, chunk's shape) of a 2-D chunk whose first row starts a block row, given which of its
+    blocks are selected (row-major over the chunk's blocks; None: all): the zeros_per_block smallest elements
+    of each selected block are dropped, as ops.block_norm_mask ranks them."""
+    rows, width = chunk.shape
+    if zeros_per_block == block_shape[0] * block_shape[1]:
+        keep = torch.zeros((rows, width), dtype=torch.bool, device=chunk.device)
+    else:
+        keep = ops.block_norm_mask(chunk, 1.0, block_shape, zeros_per_block, norm_code)
+    if selected is not None:
+        keep |= ~_expand_blocks(selected, block_shape, -(-width // block_shape[1]), rows, width)
+    return keep
 
 
 def _one_shot_preferred(data: torch.Tensor) -> bool:
@@ -124,23 +146,20 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
         for start in starts:
             chunk = table[start:start + chunk_rows]
             first_block = start // block[0] * block_cols
-            chunk_scores = reference.block_scores(reference.element_norm(chunk, norm_code), block)
+            chunk_scores = score_chunk(chunk, block, norm_code)
             scores[first_block:first_block + chunk_scores.numel()] = chunk_scores
             del chunk_scores
-        selected = _select_blocks(scores, k)
+        selected = select_blocks(scores, k)
         del scores
 
     for start in starts:
         chunk = table[start:start + chunk_rows]
         rows = chunk.shape[0]
-        if zeros == block_size:
-            keep = torch.zeros((rows, width), dtype=torch.bool, device=data.device)
-        else:
-            keep = ops.block_norm_mask(chunk, 1.0, block, zeros, norm_code)
+        chunk_selected = None
         if selected is not None:
             first_block = start // block[0] * block_cols
-            chunk_blocks = -(-rows // block[0]) * block_cols
-            keep |= ~_expand_blocks(selected[first_block:first_block + chunk_blocks], block, block_cols, rows, width)
+            chunk_selected = selected[first_block:first_block + -(-rows // block[0]) * block_cols]
+        keep = chunk_keep(chunk, chunk_selected, block, zeros, norm_code)
         if apply:
             ops.apply_mask_(chunk, keep)
         if packed:

@@ -5,6 +5,9 @@
                                     block-norm sparsify the matching tensors of a checkpoint (DataNormSparsifier's
                                     semantics); with no CHECKPOINT, a generated DLRM-like model, timed against
                                     torch.ao.pruning
+  sparsity-ext bench [--device cpu|cuda] [--quick] [--out DIR]
+                                    benchmark every op on every backend against torch baselines and the
+                                    copy-bandwidth floor: JSON, markdown and PNG plots (sparsity_ext.bench)
 """
 from __future__ import annotations
 
@@ -383,12 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is built and which backend each op runs on")
     _add_sparsify_parser(sub)
+    from .bench import command as bench_command
+    bench_command.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         import sparsity_ext
         print(sparsity_ext.info())
         return 0
     try:
+        if args.command == "bench":
+            return bench_command.run(args)
         return _sparsify(args)
     except CliError as exc:
         print(f"sparsity-ext {args.command}: error: {exc}", file=sys.stderr)

@@ -21,12 +21,12 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # the checkout's sparsity_ext, when it is not installed
+from sparsity_ext.bench.measure import copy_bandwidth, peak_probe, sync, time_call, write_results  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,46 +73,6 @@ IMPLS = {
 
 
 # ----------------------------------------------------------------------------- worker (subprocess)
-def _sync(device: str) -> None:
-    import torch
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_probe(device: str):
-    """(reset(), peak_extra_bytes()) for the device: CUDA allocator stats, or the process's VmHWM."""
-    import torch
-    if device == "cuda":
-        base = {}
-
-        def reset():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base["v"] = torch.cuda.memory_allocated()
-
-        def peak():
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base["v"]
-        return reset, peak
-
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        return 0
-    base = {}
-
-    def reset():
-        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-            f.write("5")
-        base["v"] = status("VmRSS")
-
-    def peak():
-        return status("VmHWM") - base["v"]
-    return reset, peak
-
-
 def _build(case: Case, impl: str, backend: str | None, device: str):
     """Returns (setup, step): step() is one timed call, setup() runs untimed before each (inputs are
     allocated here or in setup, before the clock)."""
@@ -180,56 +140,18 @@ def worker(case: Case, impl: str, backend: str | None, device: str, budget_s: fl
     import torch
     try:
         setup, step = _build(case, impl, backend, device)
-        reset, peak = _peak_probe(device)
+        reset, peak = peak_probe(device)
         setup()
         reset()
         step()  # warm-up (also compiles/loads kernels); its peak is the one reported
-        _sync(device)
+        sync(device)
         peak_bytes = peak()
-        times = []
-        start = time.perf_counter()
-        while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 50):
-            setup()
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {"ms": statistics.median(times), "runs": len(times), "peak_extra_mib": peak_bytes / 2**20}
+        timing = time_call(step, device, budget_s, setup=setup, warmup=False, max_runs=50)
+        return {"ms": timing.ms, "runs": timing.runs, "peak_extra_mib": peak_bytes / 2**20}
     except (torch.OutOfMemoryError, MemoryError) as exc:
         return {"error": f"out of memory: {str(exc).splitlines()[0][:120]}"}
     except Exception as exc:  # reported in the table, never hidden
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes read + written per second by a large tensor copy on the device (median of several)."""
-    import torch
-    n = (1 << 28) if device == "cuda" else (1 << 26)  # 1 GiB / 256 MiB of fp32
-    src = torch.rand(n, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / statistics.median(times[2:])
-
-
-def write_results(stem: str, title: str, meta: dict, rows: list, table: str) -> None:
-    """stem.json (meta + rows) and stem.md (title, meta, table); prints the table."""
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# {title}\n\n{meta['date']}, {meta['device']}, torch {meta['torch']}, copy bandwidth "
-                f"{meta['copy_bandwidth_gbps']:.1f} GB/s (read+write).\nCommand: `{meta['command']}`. "
-                f"Floor: {meta['floor']}.\n\n{table}\n")
-    print()
-    print(table)
-    print(f"\nwrote {stem}.json and {stem}.md")
 
 
 # ------------------------------------------------------------------------------------- driver

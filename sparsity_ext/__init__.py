@@ -7,11 +7,12 @@ from . import _extension  # noqa: F401  (loads the compiled kernels, or warns on
 from . import ops
 from ._backend import current_backend, use_backend
 from ._info import info
+from .accelerate import accelerate_torch_ao, restore_torch_ao
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import (BaseSparsifier, FakeSparsity, NearlyDiagonalSparsifier, WeightNormSparsifier,
                          fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn)
 
-__all__ = ["ops", "use_backend", "current_backend", "info",
+__all__ = ["ops", "use_backend", "current_backend", "info", "accelerate_torch_ao", "restore_torch_ao",
            "BaseSparsifier", "WeightNormSparsifier", "NearlyDiagonalSparsifier", "FakeSparsity",
            "BaseScheduler", "LambdaSL", "CubicSL", "fqn_to_module", "module_to_fqn", "get_arg_info_from_tensor_fqn"]
 __version__ = "0.1.0"

@@ -17,11 +17,24 @@ def matplotlib_missing() -> str | None:
     return None
 
 
-def _style(impl: str) -> dict:
-    """sparsity_ext backends solid with markers, torch baselines dashed."""
-    if impl.startswith("sparsity_ext"):
-        return {"linestyle": "-", "marker": "o", "linewidth": 1.8, "markersize": 4}
-    return {"linestyle": "--", "marker": "s", "linewidth": 1.2, "markersize": 3}
+# sparsity_ext backends keep their colour in every panel; torch baselines (dashed) take the others in turn.
+BACKEND_COLORS = {"reference": "tab:gray", "cpu": "tab:blue", "cuda": "tab:green", "triton": "tab:purple",
+                  "auto": "tab:blue"}
+BASELINE_COLORS = ("tab:orange", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _styles(impls: list[dict]) -> dict[str, dict]:
+    """{impl name: plot style} for one panel, from one row of each implementation."""
+    styles, baselines = {}, 0
+    for row in impls:
+        if row["baseline"]:
+            styles[row["impl"]] = {"color": BASELINE_COLORS[baselines % len(BASELINE_COLORS)], "linestyle": "--",
+                                   "marker": "s", "linewidth": 1.2, "markersize": 3}
+            baselines += 1
+        else:
+            styles[row["impl"]] = {"color": BACKEND_COLORS.get(row["backend"], "tab:blue"), "linestyle": "-",
+                                   "marker": "o", "linewidth": 1.8, "markersize": 4}
+    return styles
 
 
 def _grid(cases: list[str]):
@@ -53,9 +66,10 @@ def write_plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
                                  ("x_over_floor.png", "x_over_floor", "time / floor (x over floor)")):
         fig, axes = _grid(list(by_case))
         for ax, (case, case_rows) in zip(axes, by_case.items()):
-            for impl in dict.fromkeys(r["impl"] for r in case_rows):
+            styles = _styles(list({r["impl"]: r for r in case_rows}.values()))
+            for impl, style in styles.items():
                 points = sorted((r["numel"], r[metric]) for r in case_rows if r["impl"] == impl)
-                ax.plot(*zip(*points), label=impl, **_style(impl))
+                ax.plot(*zip(*points), label=impl, **style)
             if metric == "ms":
                 floor = sorted({(r["numel"], r["floor_ms"]) for r in case_rows})
                 ax.plot(*zip(*floor), color="black", linestyle=":", linewidth=1.2, label="copy-bandwidth floor")

@@ -215,7 +215,8 @@ def markdown(rows: list[dict], unavailable: list[dict], device: str, plots: list
                 "what was allocated before it." if device == "cuda" else
                 "; peak memory is not measured on the CPU (see benchmarks/bench_sparsifiers.py for per-process "
                 "peaks)."),
-             f"x over floor = ms / floor ms. Slow-by-design implementations (torch.ao, full-sort baselines, the "
+             f"x over floor = ms / floor ms; below 1x means the data fit in a cache (the floor is measured with "
+             f"a copy much larger than the caches). Slow-by-design implementations (torch.ao, full-sort baselines, the "
              f"reference backend) stop at {SLOW_MAX_NUMEL[device]:,} elements.", "",
              "## Summary (largest size of each case)", "",
              "| case | elements | fastest sparsity_ext | ms | x over floor | fastest baseline | ms | speedup |",

@@ -26,6 +26,14 @@ TORCH_LIBRARY(sparsity_ext, m) {
         "int zeros_per_block, int norm, bool packed=False) -> Tensor");
   // Keep the n largest |x| of every m consecutive elements along the last dim of a 2-D tensor.
   m.def("nm_mask(Tensor data, int n, int m) -> Tensor");
+  // The two halves of block_norm_mask, for a selection made across chunks, shards or tensors:
+  // block_scores is the mean norm of every block (fp32, row-major over blocks; the values the mask
+  // ops rank), and block_norm_mask_select writes the mask of the blocks a threshold selects: those
+  // scoring below it plus the first `ties` (by index) scoring equal to it (NaN ranks above every
+  // number and equals NaN) — select_threshold(scores, k) gives (threshold, ties) of the k smallest.
+  m.def("block_scores(Tensor data, int[] block_shape, int norm) -> Tensor");
+  m.def("block_norm_mask_select(Tensor data, Tensor scores, float threshold, int ties, int[] block_shape, "
+        "int zeros_per_block, int norm, bool packed=False) -> Tensor");
   // k-th smallest (1-based) of a 1-D float tensor, NaN largest; returns (value, tie_rank): the k
   // smallest are every x < value plus the first tie_rank elements equal to value, by index.
   m.def("select_threshold(Tensor values, int k) -> (Tensor, Tensor)");

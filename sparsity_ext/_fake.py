@@ -20,6 +20,17 @@ def _block_norm_mask_apply_fake(data, sparsity_level, block_shape, zeros_per_blo
     return _mask_like(data, packed)
 
 
+@torch.library.register_fake("sparsity_ext::block_scores")
+def _block_scores_fake(data, block_shape, norm):
+    num_blocks = -(-data.shape[0] // block_shape[0]) * -(-data.shape[1] // block_shape[1])
+    return data.new_empty((num_blocks,), dtype=torch.float32)
+
+
+@torch.library.register_fake("sparsity_ext::block_norm_mask_select")
+def _block_norm_mask_select_fake(data, scores, threshold, ties, block_shape, zeros_per_block, norm, packed=False):
+    return _mask_like(data, packed)
+
+
 @torch.library.register_fake("sparsity_ext::nm_mask")
 def _nm_mask_fake(data, n, m):
     return _mask_like(data, False)

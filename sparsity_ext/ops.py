@@ -14,8 +14,8 @@ import torch
 
 from . import _backend, _extension, reference
 
-__all__ = ["block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
-           "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES"]
+__all__ = ["block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select", "nm_mask",
+           "select_threshold", "apply_mask_", "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NORM_NAMES = {"L1": 1, "L2": 2}
@@ -116,6 +116,66 @@ def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shap
     return _block_mask("block_norm_mask_apply_", data, sparsity_level, block_shape, zeros_per_block, norm, packed)
 
 
+def block_scores(data: torch.Tensor, block_shape: Sequence[int] = (1, 4), norm=2) -> torch.Tensor:
+    """The score of every block: its mean element norm over its valid elements, as block_norm_mask ranks it.
+
+    With block_norm_mask_select and select_threshold it splits block_norm_mask in two, for a selection made
+    across row chunks, shards or tensors.
+
+    Args:
+        data: 1-D (one row) or 2-D float tensor; block_shape and norm as block_norm_mask.
+    Returns:
+        1-D tensor, one score per block in row-major block order: fp32 (fp64 for fp64 data).
+    """
+    op = "block_scores"
+    _check_float_data(data, op)
+    return _run(op, data, _as_2d(data), _check_block_shape(block_shape, op), parse_norm(norm))
+
+
+def block_norm_mask_select(data: torch.Tensor, scores: torch.Tensor, threshold: float, ties: int,
+                           block_shape: Sequence[int] = (1, 4), zeros_per_block: int | None = None, norm=2,
+                           packed: bool = False) -> torch.Tensor:
+    """block_norm_mask with the blocks selected by a threshold on given scores instead of by a level.
+
+    A block is selected when its score is below `threshold`, or equal to it and among the first `ties` such
+    blocks in row-major order (NaN ranks above every number and equals NaN). select_threshold(scores, k)
+    returns the (threshold, ties) that select the k smallest; block_norm_mask(data, level, ...) equals
+    block_norm_mask_select(data, block_scores(data), *select_threshold(scores, k), ...) for
+    k = the level's number of blocks (0 < k).
+
+    Args:
+        data: 1-D (one row) or 2-D float tensor; block_shape, zeros_per_block, norm, packed as block_norm_mask.
+        scores: one score per block of data (block_scores(data, block_shape, norm), or the same blocks' scores
+            from elsewhere), 1-D, block_scores' dtype.
+        threshold: a float (or 0-d tensor); ties: an int >= 0 (or 0-d integer tensor).
+    Returns:
+        bool mask of data's shape (True = keep), or the packed bits.
+    """
+    op = "block_norm_mask_select"
+    _check_float_data(data, op)
+    _check_tensor("scores", scores, op)
+    bshape = _check_block_shape(block_shape, op)
+    block_size = bshape[0] * bshape[1]
+    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    matrix = _as_2d(data)
+    num_blocks = -(-matrix.shape[0] // bshape[0]) * -(-matrix.shape[1] // bshape[1])
+    if scores.device != data.device:
+        raise ValueError(f"{op}: scores are on {scores.device} but data is on {data.device}")
+    want_dtype = reference.score_dtype(data.dtype)
+    if scores.dim() != 1 or scores.numel() != num_blocks or scores.dtype != want_dtype:
+        raise ValueError(f"{op}: scores must be 1-D {want_dtype} with one value per block ({num_blocks}), got "
+                         f"{scores.dtype} of shape {tuple(scores.shape)}")
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"{op}: threshold must be a number, got {threshold!r}")
+    if isinstance(ties, torch.Tensor) and ties.dim() == 0 and not ties.is_floating_point():
+        ties = ties.item()
+    ties = _check_int("ties", ties, op, 0)
+    mask = _run(op, data, matrix, scores, float(threshold), ties, bshape, zeros, parse_norm(norm), bool(packed))
+    return mask if packed else mask.view(data.shape)
+
+
 def nm_mask(data: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """N:M mask: keep the n largest |x| of every m consecutive elements along the last dimension.
 
@@ -196,11 +256,12 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ registrations
-OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
-            "pack_mask", "unpack_mask")
+OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select", "nm_mask",
+            "select_threshold", "apply_mask_", "pack_mask", "unpack_mask")
 # fp64 data is scored by the reference only (rare in practice); the mask-format ops take any dtype.
 _COMPILED_DTYPES = {op: (torch.float32, torch.float16, torch.bfloat16) for op in
-                    ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold")}
+                    ("block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select",
+                     "nm_mask", "select_threshold")}
 
 for _op in OP_NAMES:
     _backend.register(_op, "reference", getattr(reference, _op), devices=("cpu", "cuda"))

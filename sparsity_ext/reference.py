@@ -6,6 +6,8 @@ over speed (full sorts are fine here). Inputs are already validated by sparsity_
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +41,10 @@ def num_selected_blocks(sparsity_level: float, num_blocks: int) -> int:
     return max(0, min(num_blocks - 1, round(sparsity_level * num_blocks)))
 
 
-def block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
-    """Mean norm of each block over its valid elements, blocks in row-major order (flat)."""
+def pooled_block_scores(norms: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """Mean of each block of per-element norms over its valid elements, blocks in row-major order (flat)."""
+    if norms.numel() == 0:  # no blocks (avg_pool2d rejects empty input)
+        return norms.new_empty(0)
     return F.avg_pool2d(norms[None, None], kernel_size=block_shape, stride=block_shape, ceil_mode=True).flatten()
 
 
@@ -85,7 +89,7 @@ def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: tupl
         selected[:] = True
     else:
         # Stable ascending sort: NaN last, ties by lower block index.
-        order = ascending_order(block_scores(norms, block_shape))
+        order = ascending_order(pooled_block_scores(norms, block_shape))
         selected[order[:k]] = True
 
     hp, wp = nbh * bh, nbw * bw
@@ -101,6 +105,38 @@ def block_norm_mask(data: torch.Tensor, sparsity_level: float, block_shape: tupl
     zeroed = (rank < zeros_per_block) & valid_blocks & selected[:, None]
     mask = _from_blocks(~zeroed, (hp, wp), block_shape)[:h, :w].contiguous()
     return pack_mask(mask) if packed else mask
+
+
+def block_scores(data: torch.Tensor, block_shape: tuple[int, int], norm: int) -> torch.Tensor:
+    """The score of every block of data: its mean element norm, row-major over blocks."""
+    return pooled_block_scores(element_norm(data, norm), block_shape)
+
+
+def blocks_at_threshold(scores: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
+    """bool per block: score < threshold, or among the first `ties` (by index) equal to it; NaN ranks above
+    every number and equals NaN."""
+    if math.isnan(threshold):
+        less, equal = ~scores.isnan(), scores.isnan()
+    else:
+        less, equal = scores < threshold, scores == threshold
+    return less | (equal & (equal.cumsum(0) <= ties))
+
+
+def expand_block_flags(flags: torch.Tensor, shape: tuple[int, int], block_shape: tuple[int, int]) -> torch.Tensor:
+    """Per-block flags (row-major over the blocks tiling a matrix of `shape`) -> per-element flags."""
+    (h, w), (bh, bw) = shape, block_shape
+    nbh, nbw = -(-h // bh), -(-w // bw)
+    grid = flags.view(nbh, 1, nbw, 1).expand(nbh, bh, nbw, bw)
+    return grid.reshape(nbh * bh, nbw * bw)[:h, :w]
+
+
+def block_norm_mask_select(data: torch.Tensor, scores: torch.Tensor, threshold: float, ties: int,
+                           block_shape: tuple[int, int], zeros_per_block: int, norm: int,
+                           packed: bool = False) -> torch.Tensor:
+    selected = blocks_at_threshold(scores, threshold, ties)
+    keep = block_norm_mask(data, 1.0, block_shape, zeros_per_block, norm)  # ranks inside every block
+    keep |= ~expand_block_flags(selected, tuple(data.shape), block_shape)
+    return pack_mask(keep) if packed else keep
 
 
 def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: tuple[int, int],

@@ -92,6 +92,57 @@ def test_block_norm_mask_matches_reference(backend, device, dtype, shape, kind):
         assert got.dtype == expected.dtype and torch.equal(got, expected), (block, zeros, level, norm, packed)
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice"])
+def test_block_scores_match_reference(backend, device, dtype, shape, layout):
+    _require(backend, device)
+    data = _layout(_data(shape, dtype, device, seed=shape[0] * 31 + shape[1], kind="ties"), layout)
+    wide = _layout(torch.randn(shape, dtype=torch.float32, device=device) * torch.exp(
+        torch.randn(shape, device=device) * 3), layout).to(dtype)  # wide range: summation order shows
+    for x in (data, wide):
+        for block in BLOCKS:
+            for norm in (0, 1, 2):
+                expected = reference.block_scores(x, block, norm)
+                with sparsity_ext.use_backend(backend):
+                    got = ops.block_scores(x, block, norm)
+                # equal as values (the sign of a zero and NaN payloads do not rank, see order keys)
+                same = (got == expected) | (got.isnan() & expected.isnan())
+                assert got.dtype == torch.float32 and bool(same.all()), (block, norm)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if 0 not in s], ids=str)
+@pytest.mark.parametrize("kind", ["ties", "tie_free"])
+def test_block_norm_mask_select_splits_block_norm_mask(backend, device, dtype, shape, kind):
+    """scores -> select_threshold -> block_norm_mask_select is block_norm_mask, also when the rows are cut in
+    two at a block-row boundary and the second part gets the ties the first did not take."""
+    _require(backend, device)
+    data = _data(shape, dtype, device, seed=shape[0] * 1000 + shape[1] + 7, kind=kind)
+    for block, zeros, level, norm, packed in _configs(seed=shape[0] * 3 + shape[1], count=40):
+        num_blocks = -(-shape[0] // block[0]) * -(-shape[1] // block[1])
+        k = reference.num_selected_blocks(level, num_blocks)
+        if k == 0:
+            continue
+        expected = reference.block_norm_mask(data, level, block, zeros, norm)
+        with sparsity_ext.use_backend(backend):
+            scores = ops.block_scores(data, block, norm)
+            threshold, ties = ops.select_threshold(scores, k)
+            got = ops.block_norm_mask_select(data, scores, threshold, ties, block, zeros, norm, packed=packed)
+            assert torch.equal(got, reference.pack_mask(expected) if packed else expected), (block, zeros, level)
+            cut = (shape[0] // 2) // block[0] * block[0]
+            first_blocks = cut // block[0] * -(-shape[1] // block[1])
+            top, bottom = scores[:first_blocks], scores[first_blocks:]
+            value = threshold.item()
+            taken = int((top.isnan() if value != value else top == value).sum())
+            parts = [ops.block_norm_mask_select(data[:cut], top, value, min(int(ties), taken), block, zeros, norm),
+                     ops.block_norm_mask_select(data[cut:], bottom, value, max(0, int(ties) - taken), block, zeros,
+                                                norm)]
+        assert torch.equal(torch.cat(parts), expected), (block, zeros, level, norm)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "column_slice", "transposed"])
@@ -238,6 +289,14 @@ BAD_CALLS = [
     ("block_norm_mask_apply_", lambda x: (x.int(), 0.5, [1, 4], 4, 1, False), "data must be float32"),
     ("nm_mask", lambda x: (x, 5, 4), "nm_mask"),
     ("nm_mask", lambda x: (x, 1, 0), "nm_mask"),
+    ("block_scores", lambda x: (x.view(-1), [1, 4], 1), "data must be 2-D"),
+    ("block_scores", lambda x: (x, [1, 0], 1), "block_shape"),
+    ("block_norm_mask_select", lambda x: (x, torch.zeros(15, device=x.device), 0.5, 1, [1, 4], 4, 1, False),
+     "one value per block"),
+    ("block_norm_mask_select", lambda x: (x, torch.zeros(16, device=x.device).double(), 0.5, 1, [1, 4], 4, 1, False),
+     "scores must be a 1-D float32"),
+    ("block_norm_mask_select", lambda x: (x, torch.zeros(16, device=x.device), 0.5, -1, [1, 4], 4, 1, False),
+     "ties must be"),
     ("select_threshold", lambda x: (x.view(-1), 0), "k must be in"),
     ("select_threshold", lambda x: (x.view(-1), x.numel() + 1), "k must be in"),
     ("select_threshold", lambda x: (x, 1), "values must be 1-D"),

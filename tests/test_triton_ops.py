@@ -71,7 +71,7 @@ def assert_block_mask_matches(data, level, block, zeros, norm, packed=False):
 # ------------------------------------------------------------------------------ block scores
 def reference_keys(data, block, norm):
     """The score keys the kernels must produce, from the reference's block scores."""
-    scores = reference.block_scores(reference.element_norm(ops._as_2d(data), norm), block)
+    scores = reference.block_scores(ops._as_2d(data), block, norm)
     bits = (scores + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # + 0.0: -0.0 -> +0.0
     keys = torch.where(bits >= 2 ** 31, bits ^ 0xFFFFFFFF, bits | 2 ** 31)
     return torch.where(scores.isnan(), 0xFFFFFFFF, keys)

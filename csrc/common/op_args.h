@@ -58,6 +58,14 @@ inline BlockGrid check_block_mask_args(const char* op, const at::Tensor& data, d
   return grid;
 }
 
+// The per-block scores given to block_norm_mask_select: fp32 (block_scores' output), one per block.
+inline void check_block_scores_arg(const char* op, const at::Tensor& scores, const BlockGrid& grid) {
+  TORCH_CHECK(scores.dim() == 1 && scores.scalar_type() == at::kFloat, op,
+              ": scores must be a 1-D float32 tensor, got ", scores.scalar_type(), " of shape ", scores.sizes());
+  TORCH_CHECK(scores.numel() == grid.num_blocks(), op, ": scores must hold one value per block (",
+              grid.num_blocks(), "), got ", scores.numel());
+}
+
 inline void check_nm_args(int64_t n, int64_t m) {
   TORCH_CHECK(m >= 1 && n >= 0 && n <= m, "nm_mask: need m >= 1 and 0 <= n <= m, got n=", n, ", m=", m);
 }

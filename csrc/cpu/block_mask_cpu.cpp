@@ -1,4 +1,6 @@
-// CPU kernels of the block-norm masks: block_norm_mask, block_norm_mask_apply_, nm_mask.
+// CPU kernels of the block-norm masks: block_norm_mask, block_norm_mask_apply_, nm_mask, and the two
+// halves of the pipeline below as ops of their own for callers that select across several tensors or
+// chunks (block_scores: the scoring pass; block_norm_mask_select: the mask pass, given a threshold).
 //
 // Pipeline (DESIGN.md "Algorithms"): one scoring pass writes one order key per block (and pass 0 of
 // the radix histogram, 11-bit digits); a radix select finds the k-th smallest key (pass 1 over all keys
@@ -49,10 +51,13 @@ struct Plan {
 };
 
 // ------------------------------------------------------------------------------ scoring pass
-// Keys of blocks [begin, end) of one-row blocks of exactly kWidth columns: the full blocks of each
-// row in a tight loop the compiler can vectorize, a row's partial last block by block_mean_norm.
-template <int kWidth, int kNorm, typename T>
-void row_block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys) {
+// The scoring functions hand each block's mean norm to store(block, mean): the mask ops store its order
+// key, block_scores the float itself, so both compute every score with the same arithmetic.
+//
+// Blocks [begin, end) of one-row blocks of exactly kWidth columns: the full blocks of each row in a
+// tight loop the compiler can vectorize, a row's partial last block by block_mean_norm.
+template <int kWidth, int kNorm, typename T, class Store>
+void row_block_scores(const Plan<T>& plan, int64_t begin, int64_t end, const Store& store) {
   const BlockGrid& g = plan.grid;
   const int64_t full_per_row = g.cols / kWidth;
   for (int64_t b = begin; b < end;) {
@@ -64,21 +69,21 @@ void row_block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* k
       const T* block = row_ptr + i * kWidth;
       float sum = 0.0f;
       for (int c = 0; c < kWidth; ++c) sum = fp32_add(sum, element_norm(to_float(block[c]), kNorm));
-      keys[i] = order_key(sum / static_cast<float>(kWidth));
+      store(i, sum / static_cast<float>(kWidth));
     }
     for (int64_t i = std::max(b, full_stop); i < stop; ++i) {
-      keys[i] = order_key(block_mean_norm(plan.data, plan.ld, g, row, i - row_first, kNorm));
+      store(i, block_mean_norm(plan.data, plan.ld, g, row, i - row_first, kNorm));
     }
     b = stop;
   }
 }
 
-template <typename T>
-void any_block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys) {
+template <typename T, class Store>
+void any_block_scores(const Plan<T>& plan, int64_t begin, int64_t end, const Store& store) {
   const BlockGrid& g = plan.grid;
   int64_t block_row = begin / g.grid_cols, block_col = begin - block_row * g.grid_cols;
   for (int64_t b = begin; b < end; ++b) {
-    keys[b] = order_key(block_mean_norm(plan.data, plan.ld, g, block_row, block_col, plan.norm));
+    store(b, block_mean_norm(plan.data, plan.ld, g, block_row, block_col, plan.norm));
     if (++block_col == g.grid_cols) {
       block_col = 0;
       ++block_row;
@@ -86,20 +91,20 @@ void any_block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* k
   }
 }
 
-template <typename T>
-void block_keys(const Plan<T>& plan, int64_t begin, int64_t end, uint32_t* keys) {
+template <typename T, class Store>
+void block_scores(const Plan<T>& plan, int64_t begin, int64_t end, const Store& store) {
   const BlockGrid& g = plan.grid;
   const auto by_norm = [&](auto width) {
     constexpr int kWidth = decltype(width)::value;
     switch (plan.norm) {
-      case 0: return row_block_keys<kWidth, 0>(plan, begin, end, keys);
-      case 1: return row_block_keys<kWidth, 1>(plan, begin, end, keys);
-      default: return row_block_keys<kWidth, 2>(plan, begin, end, keys);
+      case 0: return row_block_scores<kWidth, 0>(plan, begin, end, store);
+      case 1: return row_block_scores<kWidth, 1>(plan, begin, end, store);
+      default: return row_block_scores<kWidth, 2>(plan, begin, end, store);
     }
   };
   if (g.block_rows == 1 && g.block_cols == 4) return by_norm(std::integral_constant<int, 4>());
   if (g.block_rows == 1 && g.block_cols == 8) return by_norm(std::integral_constant<int, 8>());
-  any_block_keys(plan, begin, end, keys);
+  any_block_scores(plan, begin, end, store);
 }
 
 // block_zero_cut, with a linear-time selection for blocks of more than 32 valid elements (the shared
@@ -134,7 +139,7 @@ void score_blocks(const Plan<T>& plan, const cpu::Chunking& chunks, uint32_t* ke
       for (int64_t begin = chunks.begin(c); begin < chunk_end; begin += kScoreTile) {
         const int64_t end = std::min(begin + kScoreTile, chunk_end);
         if (keys) {
-          block_keys(plan, begin, end, keys);
+          block_scores(plan, begin, end, [keys](int64_t i, float mean) { keys[i] = order_key(mean); });
           cpu::add_to_histogram([keys](int64_t i) { return keys[i]; }, begin, end, 0u, 0, first_pass->of(c));
         }
         if (cuts) {
@@ -360,6 +365,29 @@ void zero_dropped(const Plan<T>& plan, const at::Tensor& mask, bool packed) {
   });
 }
 
+// Writes the mask of a plan whose selection (all_selected, or keys + threshold) and, for kCut, cuts are settled.
+template <typename T>
+void write_planned_mask(const Plan<T>& plan, ZeroMode mode, bool packed, bool apply, at::Tensor& mask) {
+  switch (mode) {
+    case ZeroMode::kWholeBlock:
+      return write_mask<ZeroMode::kWholeBlock>(plan, mask, packed, apply);
+    case ZeroMode::kRowRank:
+      // A block's ranking reads its neighbours, which another task (or a later tile) may be zeroing:
+      // write the whole mask first, then zero.
+      write_mask<ZeroMode::kRowRank>(plan, mask, packed, false);
+      if (apply) zero_dropped(plan, mask, packed);
+      return;
+    case ZeroMode::kCut:
+      return write_mask<ZeroMode::kCut>(plan, mask, packed, apply);
+  }
+}
+
+// Uninitialized per-block buffers (every entry is written by the scoring pass): order keys (int32)
+// or cuts (int64, kCut only).
+inline at::Tensor per_block_buffer(const at::Tensor& like, int64_t num_blocks, at::ScalarType dtype) {
+  return at::empty({num_blocks}, like.options().dtype(dtype));
+}
+
 template <typename T>
 void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsity_level, int64_t zeros_per_block,
                        int norm, bool packed, bool apply, at::Tensor& mask) {
@@ -371,9 +399,8 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
   }
   Plan<T> plan{data, ld, grid, zeros_per_block, norm, k == num_blocks};
   const ZeroMode mode = zero_mode(grid, zeros_per_block);
-  // uninitialized O(num_blocks) buffers: every entry is written by the scoring pass
-  const at::Tensor keys = plan.all_selected ? at::Tensor() : at::empty({num_blocks}, mask.options().dtype(at::kInt));
-  const at::Tensor cuts = mode == ZeroMode::kCut ? at::empty({num_blocks}, mask.options().dtype(at::kLong)) : at::Tensor();
+  const at::Tensor keys = plan.all_selected ? at::Tensor() : per_block_buffer(mask, num_blocks, at::kInt);
+  const at::Tensor cuts = mode == ZeroMode::kCut ? per_block_buffer(mask, num_blocks, at::kLong) : at::Tensor();
   if (keys.defined() || cuts.defined()) {
     const cpu::Chunking chunks = cpu::make_chunking(num_blocks, kScoreGrain);
     cpu::ChunkHistograms first_pass(chunks.count);
@@ -389,18 +416,88 @@ void block_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, double sparsi
       if (state.rank < state.equal) plan.last_tied_block = cpu::index_of_tied(chunks, key_at, state.prefix, state.rank);
     }
   }
-  switch (mode) {
-    case ZeroMode::kWholeBlock:
-      return write_mask<ZeroMode::kWholeBlock>(plan, mask, packed, apply);
-    case ZeroMode::kRowRank:
-      // A block's ranking reads its neighbours, which another task (or a later tile) may be zeroing:
-      // write the whole mask first, then zero.
-      write_mask<ZeroMode::kRowRank>(plan, mask, packed, false);
-      if (apply) zero_dropped(plan, mask, packed);
-      return;
-    case ZeroMode::kCut:
-      return write_mask<ZeroMode::kCut>(plan, mask, packed, apply);
+  write_planned_mask(plan, mode, packed, apply, mask);
+}
+
+// The mask of blocks selected by a given threshold: every block whose score is below it, and the
+// first `ties` blocks (by index) whose score equals it (NaN ranks above every number, and equals NaN).
+template <typename T>
+void selected_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, const float* scores, float threshold,
+                          int64_t ties, int64_t zeros_per_block, int norm, bool packed, at::Tensor& mask) {
+  const int64_t num_blocks = grid.num_blocks();
+  if (num_blocks == 0 || zeros_per_block == 0) {
+    fill_ones(mask, packed, grid.rows * grid.cols);
+    return;
   }
+  Plan<T> plan{data, ld, grid, zeros_per_block, norm, false};
+  const ZeroMode mode = zero_mode(grid, zeros_per_block);
+  const at::Tensor keys = per_block_buffer(mask, num_blocks, at::kInt);
+  uint32_t* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  const uint32_t threshold_key = order_key(threshold);
+  const cpu::Chunking chunks = cpu::make_chunking(num_blocks, kScoreGrain);
+  std::vector<int64_t> equal(chunks.count, 0);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t count = 0;
+      for (int64_t i = chunks.begin(c), end = chunks.end(c); i < end; ++i) {
+        key_data[i] = order_key(scores[i]);
+        count += key_data[i] == threshold_key;
+      }
+      equal[c] = count;
+    }
+  });
+  int64_t num_equal = 0;
+  for (const int64_t count : equal) num_equal += count;
+  plan.keys = key_data;
+  plan.threshold_key = threshold_key;
+  if (ties == 0) {
+    plan.last_tied_block = -1;
+  } else if (ties < num_equal) {
+    plan.last_tied_block = cpu::index_of_tied(chunks, [key_data](int64_t i) { return key_data[i]; }, threshold_key, ties);
+  }
+  const at::Tensor cuts = mode == ZeroMode::kCut ? per_block_buffer(mask, num_blocks, at::kLong) : at::Tensor();
+  if (cuts.defined()) {
+    uint64_t* cut_data = reinterpret_cast<uint64_t*>(cuts.data_ptr<int64_t>());
+    score_blocks(plan, chunks, nullptr, nullptr, cut_data);
+    plan.cuts = cut_data;
+  }
+  write_planned_mask(plan, mode, packed, false, mask);
+}
+
+at::Tensor block_scores_cpu(const at::Tensor& data, at::IntArrayRef block_shape, int64_t norm) {
+  TORCH_CHECK(data.device().is_cpu(), "block_scores: data must be a CPU tensor, got ", data.device());
+  const BlockGrid grid = check_block_mask_args("block_scores", data, 1.0, block_shape, 0, norm);
+  const at::Tensor work = rows_readable_in_place(data) ? data : data.contiguous();
+  at::Tensor scores = at::empty({grid.num_blocks()}, data.options().dtype(at::kFloat));
+  float* out = scores.data_ptr<float>();
+  SPX_DISPATCH_SCORED_TYPES(data.scalar_type(), "block_scores_cpu", [&] {
+    using T = typename Storage<scalar_t>::type;
+    Plan<T> plan{reinterpret_cast<T*>(work.data_ptr<scalar_t>()), row_stride(work), grid, 0, static_cast<int>(norm), false};
+    at::parallel_for(0, grid.num_blocks(), kScoreGrain, [&](int64_t begin, int64_t end) {
+      block_scores(plan, begin, end, [out](int64_t i, float mean) { out[i] = mean; });
+    });
+  });
+  return scores;
+}
+
+at::Tensor block_norm_mask_select_cpu(const at::Tensor& data, const at::Tensor& scores, double threshold, int64_t ties,
+                                      at::IntArrayRef block_shape, int64_t zeros_per_block, int64_t norm, bool packed) {
+  const char* op = "block_norm_mask_select";
+  TORCH_CHECK(data.device().is_cpu() && scores.device().is_cpu(), op, ": data and scores must be CPU tensors, got ",
+              data.device(), " and ", scores.device());
+  const BlockGrid grid = check_block_mask_args(op, data, 1.0, block_shape, zeros_per_block, norm);
+  check_block_scores_arg(op, scores, grid);
+  TORCH_CHECK(ties >= 0, op, ": ties must be >= 0, got ", ties);
+  const at::Tensor work = rows_readable_in_place(data) ? data : data.contiguous();
+  const at::Tensor contiguous_scores = scores.contiguous();
+  at::Tensor mask = empty_mask(data, packed);
+  SPX_DISPATCH_SCORED_TYPES(data.scalar_type(), "block_norm_mask_select_cpu", [&] {
+    using T = typename Storage<scalar_t>::type;
+    selected_mask_kernel<T>(reinterpret_cast<T*>(work.data_ptr<scalar_t>()), row_stride(work), grid,
+                            contiguous_scores.data_ptr<float>(), static_cast<float>(threshold), ties, zeros_per_block,
+                            static_cast<int>(norm), packed, mask);
+  });
+  return mask;
 }
 
 at::Tensor block_mask_cpu(const char* op, const at::Tensor& data, double sparsity_level, at::IntArrayRef block_shape,
@@ -442,6 +539,8 @@ TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("block_norm_mask", &block_norm_mask_cpu);
   m.impl("block_norm_mask_apply_", &block_norm_mask_apply__cpu);
   m.impl("nm_mask", &nm_mask_cpu);
+  m.impl("block_scores", &block_scores_cpu);
+  m.impl("block_norm_mask_select", &block_norm_mask_select_cpu);
 }
 
 }  // namespace sparsity_ext

@@ -2,12 +2,13 @@
 
 The block top-k is global over the whole table, so chunks cannot be masked independently. The
 chunked path keeps the global selection in three steps:
-  1. score every block, chunk by chunk, into one float per block (O(num_blocks) memory);
-  2. pick the k-th smallest score over all blocks with ops.select_threshold (plus its tie rank, so
-     ties are broken by lower block index exactly as the one-shot op does);
-  3. write the mask chunk by chunk: a block is masked when it is selected, and inside a masked block
-     the zeros_per_block smallest elements are zeroed (ops.block_norm_mask at level 1 on the chunk,
-     whose blocks are the table's blocks because chunks start on block-row boundaries).
+  1. score every block, chunk by chunk, with ops.block_scores into one float per block (O(num_blocks)
+     memory);
+  2. pick the k-th smallest score over all blocks with ops.select_threshold, plus its tie rank (how
+     many blocks scoring exactly the threshold are selected, lowest index first);
+  3. write the mask chunk by chunk with ops.block_norm_mask_select, handing each chunk the ties that
+     earlier chunks did not take. Chunks start on block-row boundaries, so their blocks are the
+     table's blocks and the result is the one-shot op's, bit for bit.
 Working memory beyond the output mask is O(num_blocks) plus the temporaries of one chunk.
 
 Tables that fit in the budget go to the one-shot op (ops.block_norm_mask / block_norm_mask_apply_)
@@ -52,7 +53,7 @@ def _rows_per_chunk(shape: tuple[int, int], block_rows: int, itemsize: int, max_
 def score_chunk(chunk: torch.Tensor, block_shape: tuple[int, int], norm_code: int) -> torch.Tensor:
     """Score (mean element norm, in the scoring dtype) of every block of a 2-D chunk whose first row starts a
     block row, row-major over the chunk's blocks: the chunk's slice of the whole table's block scores."""
-    return reference.block_scores(reference.element_norm(chunk, norm_code), block_shape)
+    return ops.block_scores(chunk, block_shape, norm_code)
 
 
 def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -66,15 +67,6 @@ def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return selected
 
 
-def _expand_blocks(flags: torch.Tensor, block_shape: tuple[int, int], block_cols: int,
-                   rows: int, width: int) -> torch.Tensor:
-    """Per-block flags (row-major over a chunk's blocks) -> per-element flags of the chunk (rows x width)."""
-    bh, bw = block_shape
-    block_rows = flags.numel() // block_cols
-    grid = flags.view(block_rows, 1, block_cols, 1).expand(block_rows, bh, block_cols, bw)
-    return grid.reshape(block_rows * bh, block_cols * bw)[:rows, :width]
-
-
 def chunk_keep(chunk: torch.Tensor, selected: torch.Tensor | None, block_shape: tuple[int, int],
                zeros_per_block: int, norm_code: int) -> torch.Tensor:
     """Keep flags (bool, chunk's shape) of a 2-D chunk whose first row starts a block row, given which of its
@@ -86,7 +78,7 @@ def chunk_keep(chunk: torch.Tensor, selected: torch.Tensor | None, block_shape: 
     else:
         keep = ops.block_norm_mask(chunk, 1.0, block_shape, zeros_per_block, norm_code)
     if selected is not None:
-        keep |= ~_expand_blocks(selected, block_shape, -(-width // block_shape[1]), rows, width)
+        keep |= ~reference.expand_block_flags(selected, (rows, width), block_shape)
     return keep
 
 
@@ -140,32 +132,34 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
     chunk_rows = _rows_per_chunk((height, width), block[0], table.element_size(), max_chunk_bytes, packed)
     starts = range(0, height, chunk_rows)
 
-    selected = None  # None: every block is selected (k == num_blocks)
+    def chunk_blocks(start: int) -> slice:
+        first = start // block[0] * block_cols
+        return slice(first, first + -(-min(chunk_rows, height - start) // block[0]) * block_cols)
+
+    scores = None  # None: every block is selected (k == num_blocks), no scores needed
     if k < num_blocks:
         scores = torch.empty(num_blocks, dtype=reference.score_dtype(data.dtype), device=data.device)
         for start in starts:
-            chunk = table[start:start + chunk_rows]
-            first_block = start // block[0] * block_cols
-            chunk_scores = score_chunk(chunk, block, norm_code)
-            scores[first_block:first_block + chunk_scores.numel()] = chunk_scores
-            del chunk_scores
-        selected = select_blocks(scores, k)
-        del scores
+            scores[chunk_blocks(start)] = score_chunk(table[start:start + chunk_rows], block, norm_code)
+        threshold, tie_rank = (t.item() for t in ops.select_threshold(scores, k))
+        ties_left = tie_rank  # ties at the threshold still to select, lowest block index first
 
     for start in starts:
         chunk = table[start:start + chunk_rows]
-        rows = chunk.shape[0]
-        chunk_selected = None
-        if selected is not None:
-            first_block = start // block[0] * block_cols
-            chunk_selected = selected[first_block:first_block + -(-rows // block[0]) * block_cols]
-        keep = chunk_keep(chunk, chunk_selected, block, zeros, norm_code)
+        if scores is None:
+            keep = ops.block_norm_mask(chunk, 1.0, block, zeros, norm_code, packed=packed)
+        else:
+            chunk_scores = scores[chunk_blocks(start)]
+            keep = ops.block_norm_mask_select(chunk, chunk_scores, threshold, ties_left, block, zeros, norm_code,
+                                              packed=packed)
+            if ties_left:
+                at_threshold = chunk_scores.isnan() if math.isnan(threshold) else chunk_scores == threshold
+                ties_left = max(0, ties_left - int(at_threshold.sum()))
         if apply:
             ops.apply_mask_(chunk, keep)
         if packed:
             first_byte = start * width // 8
-            bits = ops.pack_mask(keep)
-            mask[first_byte:first_byte + bits.numel()] = bits
+            mask[first_byte:first_byte + keep.numel()] = keep
         else:
-            mask[start:start + rows] = keep
+            mask[start:start + chunk.shape[0]] = keep
     return mask if packed else mask.view(data.shape)

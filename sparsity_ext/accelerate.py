@@ -18,8 +18,8 @@ Any call the kernels would not answer exactly as torch.ao.pruning does goes to t
 original method, so behaviour never changes: a custom norm callable, overridden mask hooks
 (_make_tensor_mask, _make_block_mask, ...), non-fp32 or non-2-D tensors, sparsity levels outside [0, 1]
 (DataNormSparsifier) or trivial ones (all kept / all zeroed), zeros_per_block out of range (the original
-raises its own error), partial edge blocks with zeros_per_block smaller than the block, and blocks
-larger than the tensor.
+raises its own error), DataNormSparsifier data that torch.ao.pruning's squeeze reshapes (1-D, one
+column), and WeightNormSparsifier's partial edge blocks with zeros_per_block smaller than the block.
 
 Usage::
 
@@ -74,14 +74,11 @@ def _block_args(sparse_block_shape, zeros_per_block) -> tuple[tuple[int, int], i
     return (rows, cols), zeros
 
 
-def _fits_blocks(shape, block: tuple[int, int], zeros: int) -> bool:
-    """torch.ao.pruning's block masks have the tensor's shape: blocks no larger than the tensor, and no
-    partial edge blocks when zeros_per_block is smaller than the block (there it crashes or mis-shapes)."""
-    height, width = shape
-    if block[0] > height or block[1] > width:
-        return False
-    partial = height % block[0] != 0 or width % block[1] != 0
-    return not (partial and zeros < block[0] * block[1])
+def _whole_blocks_or_no_partial(shape, block: tuple[int, int], zeros: int) -> bool:
+    """WeightNormSparsifier: with zeros_per_block smaller than the block, torch.ao.pruning crashes on
+    partial edge blocks (and on blocks larger than the weight); whole-block masks handle them."""
+    partial = shape[0] % block[0] != 0 or shape[1] % block[1] != 0
+    return zeros == block[0] * block[1] or not partial
 
 
 def _hooks_intact(obj, owner: type, names: tuple[str, ...]) -> bool:
@@ -117,7 +114,7 @@ def _weight_norm_update_mask(ao_class: type, original):
             return fallback()  # all kept / all zeroed: no scoring to accelerate
         weight = getattr(module, tensor_name)
         if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.dim() == 2
-                and _fits_blocks(weight.shape, block, zeros)):
+                and _whole_blocks_or_no_partial(weight.shape, block, zeros)):
             return fallback()
         mask = getattr(module.parametrizations, tensor_name)[0].mask
         # torch.ao.pruning: a level >= 1 (with zeros < block size) selects every block.
@@ -141,7 +138,7 @@ def _data_norm_update_mask(ao_class: type, original):
         accelerated = (level is not None and 0 <= level <= 1 and block_args is not None
                        and getattr(self, "norm", None) in ("L1", "L2") and _hooks_intact(self, ao_class, hooks)
                        and isinstance(data, torch.Tensor) and data.dtype == torch.float32 and data.dim() == 2
-                       and data.shape[1] >= 2 and _fits_blocks(data.shape, *block_args))
+                       and data.shape[1] >= 2)
         if not accelerated:
             return original(self, name, data, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs)
         block, zeros = block_args
@@ -177,8 +174,10 @@ def _nearly_diagonal_update_mask(ao_class: type, original):
 # ----------------------------------------------------------------------------------- patch / restore
 def _targets():
     """(torch.ao.pruning class, attribute, factory of the accelerated function)."""
-    from torch.ao.pruning import NearlyDiagonalSparsifier, WeightNormSparsifier
-    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+    # From the defining modules, so the classes are torch.ao.pruning's own whatever a package re-exports.
+    from torch.ao.pruning._experimental.data_sparsifier.data_norm_sparsifier import DataNormSparsifier
+    from torch.ao.pruning.sparsifier.nearly_diagonal_sparsifier import NearlyDiagonalSparsifier
+    from torch.ao.pruning.sparsifier.weight_norm_sparsifier import WeightNormSparsifier
     return ((WeightNormSparsifier, "update_mask", _weight_norm_update_mask),
             (DataNormSparsifier, "update_mask", _data_norm_update_mask),
             (NearlyDiagonalSparsifier, "update_mask", _nearly_diagonal_update_mask))

@@ -82,8 +82,8 @@ def _function_cases() -> list[dict]:
     for block, zeros in geometry:
         for norm in (1, 2):
             for kind in kinds:
-                cases.append(dict(name=f"f{i}", seed=i, rows=61, width=27, block=block, zeros=zeros, norm=norm, kind=kind,
-                                  level=levels[i % len(levels)], pattern=patterns[i % len(patterns)],
+                cases.append(dict(name=f"f{i}", seed=i, rows=61, width=27, block=block, zeros=zeros, norm=norm,
+                                  kind=kind, level=levels[i % len(levels)], pattern=patterns[i % len(patterns)],
                                   dtype=torch.float32, packed=i % 5 == 0, chunk=10_000 if i % 2 else 300))
                 i += 1
     for dtype in (torch.bfloat16, torch.float64):
@@ -174,8 +174,8 @@ def _run_sparsifier_cases(world: int, rank: int, out: dict) -> None:
                 setattr(sharded_module, attribute, failing)
             error = _expect_error(sparsifier.step)
             sharded_module.score_chunk, sharded_module.chunk_keep = originals
-            unchanged = all(torch.equal(sparsifier.get_data(name), data) and torch.equal(sparsifier.get_mask(name), mask)
-                            for name, (data, mask) in before.items())
+            unchanged = all(torch.equal(sparsifier.get_data(name), data)
+                            and torch.equal(sparsifier.get_mask(name), mask) for name, (data, mask) in before.items())
             out[f"{tag}.fail_{label}"] = dict(error=error, unchanged=unchanged)
 
         # Bad input through the sparsifier: a zeros_per_block above the block size on rank 0 only.

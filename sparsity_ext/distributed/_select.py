@@ -81,7 +81,7 @@ def order_keys(scores: torch.Tensor) -> torch.Tensor:
         scores, int_dtype, largest = scores.float(), torch.int32, (1 << 31) - 1
     values = scores + 0.0  # -0.0 + 0.0 == +0.0
     bits = values.view(int_dtype)
-    keys = torch.where(bits < 0, bits ^ largest, bits)
+    keys = (bits >> (bits.element_size() * 8 - 1)).bitwise_and_(largest).bitwise_xor_(bits)  # flip if negative
     return keys.masked_fill_(values.isnan(), largest)
 
 
@@ -113,7 +113,9 @@ def distributed_select(keys: torch.Tensor, k: int, exchange: Exchange) -> torch.
     candidates, remaining, threshold = keys, k, 0
     for i, (shift, width) in enumerate(digit_schedule(key_bits)):
         digits = _digits(candidates, shift, width, top=i == 0)
-        counts = exchange.all_reduce(torch.bincount(digits, minlength=1 << width))[:1 << width]
+        local_counts = torch.zeros(1 << width, dtype=torch.int64, device=keys.device)
+        local_counts.index_add_(0, digits, torch.ones(1, dtype=torch.int64, device=keys.device).expand(digits.numel()))
+        counts = exchange.all_reduce(local_counts)[:1 << width]
         below = counts.cumsum(0)
         digit = int(torch.searchsorted(below, remaining))  # first bin whose cumulative count reaches k
         remaining -= int(below[digit]) - int(counts[digit])
@@ -122,7 +124,7 @@ def distributed_select(keys: torch.Tensor, k: int, exchange: Exchange) -> torch.
     # `remaining` ties of the threshold key are selected, the lowest global indices first.
     equal = keys == threshold
     tie_counts = torch.zeros(exchange.world_size, dtype=torch.int64, device=keys.device)
-    tie_counts[exchange.rank] = equal.sum()
+    tie_counts[exchange.rank] = torch.count_nonzero(equal)
     tie_counts = exchange.all_reduce(tie_counts)[:exchange.world_size]
     ties_before = int(tie_counts[:exchange.rank].sum())
     own_ties = min(max(remaining - ties_before, 0), int(tie_counts[exchange.rank]))

@@ -19,10 +19,10 @@ from .. import ops
 TABLE_COLS = 128              # embedding-table-like cases: (numel // 128) rows x 128
 LEVEL, BLOCK = 0.8, (1, 4)    # block_norm_mask cases: DataNormSparsifier's usual embedding configuration, L1
 
-# Element counts per size step. quick: seconds on a laptop CPU; full CPU: up to 16M elements; full CUDA: up to
+# Element counts per size step. quick: about a minute on a 2-core CPU; full CPU: up to 16M elements; full CUDA: up to
 # 2^28 (16384^2, 1 GiB of fp32), which keeps the whole CUDA suite to a couple of minutes on an H100.
 SIZE_LADDERS = {
-    ("cpu", True): (2**12, 2**14, 2**16, 2**18),
+    ("cpu", True): (2**12, 2**14, 2**16, 2**18, 2**20),
     ("cpu", False): (2**16, 2**18, 2**20, 2**22, 2**24),
     ("cuda", True): (2**16, 2**20, 2**24),
     ("cuda", False): (2**20, 2**22, 2**24, 2**26, 2**28),

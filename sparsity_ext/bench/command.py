@@ -103,10 +103,12 @@ def _run(args) -> int:
     title = f"sparsity_ext ops ({device}{', quick' if args.quick else ''})"
     written = [] if plot_notice else plots.write_plots(rows, out, f"{title}: {meta['device']}")
     meta.update({"quick": args.quick, "sizes": list(args.sizes) if args.sizes else None, "ops": args.ops,
-                 "unavailable": unavailable, "plots": written, "wall_s": time.perf_counter() - start})
+                 "unavailable": unavailable, "ops_not_covered": suite.ops_not_covered(device), "plots": written, "wall_s": time.perf_counter() - start})
     from .._info import info
     meta["backends"] = info(as_text=False)["backends"]
-    report = (f"Commit {meta['commit']}; whole run {meta['wall_s']:.0f} s.\n\n"
+    load = f"; 1-minute load average {meta['load_average']:.1f} at the start ({os.cpu_count()} CPUs)" \
+        if meta["load_average"] is not None else ""
+    report = (f"Commit {meta['commit']}; whole run {meta['wall_s']:.0f} s{load}.\n\n"
               + suite.markdown(rows, unavailable, device, written, plot_notice))
     write_results(os.path.join(out, "bench"), title, meta, rows, report)
     if written:

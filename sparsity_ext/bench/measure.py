@@ -132,6 +132,8 @@ def run_meta(device: str, bandwidth: float, floor: str) -> dict:
             "device": device_name(device), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "triton": triton_version, "python": platform.python_version(), "commit": source_commit(),
             "copy_bandwidth_gbps": bandwidth / 1e9,
+            # other work on the machine skews CPU numbers: the 1-minute load average when the run started
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "command": " ".join([os.path.basename(sys.argv[0] or sys.executable)] + sys.argv[1:]),
             "floor": floor}
 

@@ -75,6 +75,12 @@ def plan(device: str, quick: bool, sizes: tuple[int, ...] | None, only: list[str
     return planned, unavailable
 
 
+def ops_not_covered(device: str) -> list[str]:
+    """Registered ops that no case measures (e.g. a new op the suite does not know yet)."""
+    covered = {c.op for c in cases(device)}
+    return sorted(op for op in _backend._registry if op not in covered)
+
+
 def _bind(case: Case, impl: Impl, inputs: dict) -> Callable[[], object]:
     if impl.baseline is not None:
         return impl.baseline.bind(inputs)
@@ -252,6 +258,8 @@ def markdown(rows: list[dict], unavailable: list[dict], device: str, plots: list
             else:
                 cells += [r["error"], "", _fmt_ms(r["floor_ms"])] + [""] * len(baselines) + ([""] if device == "cuda" else [])
             lines.append("| " + " | ".join(cells) + " |")
+    if not_covered := ops_not_covered(device):
+        lines += ["", "Registered ops this suite has no case for: " + ", ".join(not_covered) + "."]
     if unavailable:
         lines += ["", "Not run here: " + "; ".join(f"{u['case']} {u['impl']}: {u['reason']}" for u in unavailable)]
     if plots:

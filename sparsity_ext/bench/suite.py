@@ -260,8 +260,11 @@ def markdown(rows: list[dict], unavailable: list[dict], device: str, plots: list
             lines.append("| " + " | ".join(cells) + " |")
     if not_covered := ops_not_covered(device):
         lines += ["", "Registered ops this suite has no case for: " + ", ".join(not_covered) + "."]
-    if unavailable:
-        lines += ["", "Not run here: " + "; ".join(f"{u['case']} {u['impl']}: {u['reason']}" for u in unavailable)]
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for u in unavailable:
+        grouped.setdefault((u["impl"], u["reason"]), []).append(u["case"])
+    for (impl, reason), where in grouped.items():
+        lines += ["", f"Not run here: {impl} for {', '.join(where)}: {reason}"]
     if plots:
         lines += [""] + [f"![{p[:-4]}]({p})" for p in plots]
     if plot_notice:

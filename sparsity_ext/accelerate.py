@@ -144,9 +144,7 @@ def _data_norm_update_mask(ao_class: type, original):
         block, zeros = block_args
         num_blocks = -(-data.shape[0] // block[0]) * -(-data.shape[1] // block[1])
         mask = self.get_mask(name)
-        with torch.no_grad():
-            keep = block_norm_mask_chunked(data.detach(), data_norm_level(level, num_blocks), block, zeros,
-                                           self.norm)
+        keep = block_norm_mask_chunked(data.detach(), data_norm_level(level, num_blocks), block, zeros, self.norm)
         mask.data = keep.to(torch.int8)
 
     return update_mask

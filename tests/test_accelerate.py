@@ -153,7 +153,7 @@ def test_existing_instance_is_accelerated_and_restored(kernel_calls):
     assert kernel_calls["weight_norm"] == len(LAYER_SHAPES)
 
 
-def test_backend_in_force_is_used():
+def test_reference_backend_gives_the_same_masks():
     args = dict(sparsity_level=0.5, sparse_block_shape=(2, 2))
     expected = run_weight_norm(args, steps=1)
     with sparsity_ext.accelerate_torch_ao(), sparsity_ext.use_backend("reference"):

@@ -188,6 +188,9 @@ def _run_sparsifier_cases(world: int, rank: int, out: dict) -> None:
 
         sparsifier.step()  # the group is still in step after the failures
         out[f"{tag}.step2"] = _masks(sparsifier)
+        sparsifier.update_mask("w", sparsifier.get_data("w"), **dict(sparsifier.data_groups["w"], sparsity_level=0.7))
+        out[f"{tag}.update_mask"] = sparsifier.get_mask("w", as_bool=True).clone()
+        sparsifier.update_mask("w", sparsifier.get_data("w"), **sparsifier.data_groups["w"])
         state = sparsifier.state_dict()
         out[f"{tag}.state_masks"] = {name: state["state"][name]["mask"] for name in sparsifier.data_groups}
         sparsifier.squash_mask()
@@ -222,7 +225,7 @@ def _run_bad_input_cases(world: int, rank: int, out: dict) -> None:
 
 
 def _run_dtensor_cases(world: int, rank: int, out: dict) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from sparsity_ext.distributed import ShardedDataNormSparsifier, sharded_block_norm_mask
@@ -238,6 +241,10 @@ def _run_dtensor_cases(world: int, rank: int, out: dict) -> None:
     out["dt.sparsifier"] = sparsifier.get_mask("emb", as_bool=True).clone()
     sparsifier.squash_mask()
     out["dt.squashed"] = embedding.weight.to_local().detach().clone()  # squash zeroed the DTensor's own shard
+    # A mesh that orders the ranks otherwise than its group (shard i would not be group rank i's rows).
+    reversed_mesh = DeviceMesh("cpu", list(reversed(range(world))))
+    out["dt.reversed_mesh"] = _expect_error(
+        lambda: sharded_block_norm_mask(distribute_tensor(table, reversed_mesh, [Shard(0)]), 0.4, (2, 4)))
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -354,6 +361,10 @@ def test_sparsifier_matches_single_process(run, mask_dtype):
         for rank, r in enumerate(results):
             assert torch.equal(_as_bool(r[f"{tag}.state_masks"][name].to_dense(), r[f"{tag}.step2"][name].shape)
                                != 0, r[f"{tag}.step2"][name])
+    single = DataNormSparsifier(**SPARSIFIER_DEFAULTS, mask_dtype=torch.bool)
+    single.add_data("w", reference.get_data("w"), **dict(SPARSIFIER_TABLES[1][4], sparsity_level=0.7))
+    single.step()
+    assert torch.equal(_gathered(results, f"{tag}.update_mask"), single.get_mask("w"))
     reference.squash_mask()
     for name in reference.data_groups:
         assert torch.equal(_gathered(results, f"{tag}.squashed", name), reference.get_data(name, return_original=False))
@@ -416,6 +427,8 @@ def test_dtensor_shards(run):
     assert torch.equal(_gathered(results, "dt.sparsifier"), reference.get_mask("emb"))
     reference.squash_mask()
     assert torch.equal(_gathered(results, "dt.squashed"), reference.get_data("emb", return_original=False))
+    for r in results:
+        assert r["dt.reversed_mesh"][0] == "ValueError" and "group-rank order" in r["dt.reversed_mesh"][1]
 
 
 def test_needs_an_initialized_process_group():

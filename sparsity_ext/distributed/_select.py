@@ -102,32 +102,36 @@ def _digits(keys: torch.Tensor, shift: int, width: int, top: bool) -> torch.Tens
     carries the sign, so it is offset to put negative keys first."""
     shifted = keys >> shift
     if top:
-        return shifted + (1 << (width - 1))
-    return shifted & ((1 << width) - 1)
+        return shifted.add_(1 << (width - 1))
+    return shifted.bitwise_and_((1 << width) - 1)
 
 
 def distributed_select(keys: torch.Tensor, k: int, exchange: Exchange) -> torch.Tensor:
     """The k smallest keys over every rank (1 <= k < total), ties by lower global index: a bool flag per
     local key. Ranks hold consecutive ranges of the global index space in rank order."""
     key_bits = 64 if keys.dtype == torch.int64 else 32
-    candidates, remaining, threshold = keys, k, 0
+    ones = torch.ones(1, dtype=torch.int64, device=keys.device)
+    candidates, positions, remaining, threshold = keys, None, k, 0  # positions: candidates' indices in keys
     for i, (shift, width) in enumerate(digit_schedule(key_bits)):
         digits = _digits(candidates, shift, width, top=i == 0)
         local_counts = torch.zeros(1 << width, dtype=torch.int64, device=keys.device)
-        local_counts.index_add_(0, digits, torch.ones(1, dtype=torch.int64, device=keys.device).expand(digits.numel()))
+        local_counts.index_add_(0, digits, ones.expand(digits.numel()))
         counts = exchange.all_reduce(local_counts)[:1 << width]
         below = counts.cumsum(0)
         digit = int(torch.searchsorted(below, remaining))  # first bin whose cumulative count reaches k
         remaining -= int(below[digit]) - int(counts[digit])
         threshold |= (digit - (1 << (width - 1)) if i == 0 else digit) << shift
-        candidates = candidates[digits == digit]
-    # `remaining` ties of the threshold key are selected, the lowest global indices first.
-    equal = keys == threshold
+        matching = (digits == digit).nonzero().flatten()
+        del digits
+        positions = matching if positions is None else positions[matching]
+        candidates = candidates[matching]
+    # The candidates left are the keys equal to the threshold, in index order; `remaining` of them over all
+    # ranks are selected, the lowest global indices first.
     tie_counts = torch.zeros(exchange.world_size, dtype=torch.int64, device=keys.device)
-    tie_counts[exchange.rank] = torch.count_nonzero(equal)
+    tie_counts[exchange.rank] = positions.numel()
     tie_counts = exchange.all_reduce(tie_counts)[:exchange.world_size]
     ties_before = int(tie_counts[:exchange.rank].sum())
-    own_ties = min(max(remaining - ties_before, 0), int(tie_counts[exchange.rank]))
+    own_ties = min(max(remaining - ties_before, 0), positions.numel())
     selected = keys < threshold
-    selected[equal.nonzero().flatten()[:own_ties]] = True
+    selected[positions[:own_ties]] = True
     return selected

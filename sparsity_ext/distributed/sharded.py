@@ -51,7 +51,8 @@ def _same_ranks(a, b) -> bool:
 
 def _local_shard(data, group, where: str):
     """(local tensor, process group) of a shard: a DTensor gives its local rows and its mesh's group (which
-    must have group's ranks when group is given); anything else is the local shard of `group`."""
+    must have group's ranks when group is given); anything else is the local shard of `group`. The checks
+    here depend only on properties every rank's DTensor shares, so they raise on every rank alike."""
     if DTensor is None or not isinstance(data, DTensor):
         return data, _resolve_group(group)
     mesh = data.device_mesh
@@ -59,6 +60,10 @@ def _local_shard(data, group, where: str):
         raise ValueError(f"{where}: a DTensor must be row-sharded on a 1-D mesh (placements (Shard(0),)), got "
                          f"placements {tuple(data.placements)} on a {mesh.ndim}-D mesh")
     mesh_group = mesh.get_group()
+    # Shard i of a DTensor lives at mesh position i; shards are ordered here by group rank.
+    if mesh.mesh.flatten().tolist() != dist.get_process_group_ranks(mesh_group):
+        raise ValueError(f"{where}: the DTensor's mesh orders ranks {mesh.mesh.flatten().tolist()}, its group "
+                         f"{dist.get_process_group_ranks(mesh_group)}; only meshes in group-rank order are supported")
     if group is not None and not _same_ranks(group, mesh_group):
         raise ValueError(f"{where}: the DTensor's mesh spans ranks {dist.get_process_group_ranks(mesh_group)}, "
                          f"the process group ranks {dist.get_process_group_ranks(group)}")
@@ -139,20 +144,25 @@ def _chunk_rows(width: int, block_rows: int, itemsize: int, max_chunk_bytes: int
     return max(unit, max_chunk_bytes // max(1, width * itemsize) // unit * unit)
 
 
+def _all_keep(local: torch.Tensor, packed: bool) -> torch.Tensor:
+    if packed:
+        return packed_ones(local.numel(), local.device)
+    return torch.ones(local.shape, dtype=torch.bool, device=local.device)
+
+
 def _local_keep(local: torch.Tensor, plan: _ShardPlan, exchange: Exchange, packed: bool,
                 max_chunk_bytes: int) -> torch.Tensor:
     """This rank's rows of the whole table's mask (bool of local's shape, or packed bits)."""
     rows, width = local.shape
     if plan.k == 0 or plan.zeros == 0:  # nothing is zeroed
-        return packed_ones(local.numel(), local.device) if packed else \
-            torch.ones((rows, width), dtype=torch.bool, device=local.device)
+        return _all_keep(local, packed)
     bh, bw = plan.block
     block_cols = -(-width // bw)
     step = _chunk_rows(width, bh, local.element_size(), max_chunk_bytes, packed)
     starts = range(0, rows, step)
 
     selected = None  # None: every block is selected
-    if plan.k < plan.num_blocks:
+    if plan.k < plan.num_blocks:  # an empty shard too takes part in the selection's collectives
         key_dtype = torch.int64 if score_dtype(local.dtype) == torch.float64 else torch.int32
         keys = torch.empty(-(-rows // bh) * block_cols, dtype=key_dtype, device=local.device)
         for start in starts:
@@ -162,22 +172,27 @@ def _local_keep(local: torch.Tensor, plan: _ShardPlan, exchange: Exchange, packe
         selected = distributed_select(keys, plan.k, exchange)
         del keys
 
-    if packed:
-        mask = torch.empty(((local.numel() + 7) // 8,), dtype=torch.uint8, device=local.device)
-    else:
-        mask = torch.empty((rows, width), dtype=torch.bool, device=local.device)
-    for start in starts:
+    def chunk_mask(start: int) -> torch.Tensor:
         chunk = local[start:start + step]
         chunk_selected = None
         if selected is not None:
             first = start // bh * block_cols
             chunk_selected = selected[first:first + -(-chunk.shape[0] // bh) * block_cols]
         keep = chunk_keep(chunk, chunk_selected, plan.block, plan.zeros, plan.norm_code)
+        return ops.pack_mask(keep) if packed else keep
+
+    if rows <= step:  # one chunk: its mask as it is (or an empty shard's)
+        return chunk_mask(0) if rows else _all_keep(local, packed)
+    if packed:
+        mask = torch.empty(((local.numel() + 7) // 8,), dtype=torch.uint8, device=local.device)
+    else:
+        mask = torch.empty((rows, width), dtype=torch.bool, device=local.device)
+    for start in starts:
+        part = chunk_mask(start)
         if packed:
-            bits = ops.pack_mask(keep)
-            mask[start * width // 8:start * width // 8 + bits.numel()] = bits
+            mask[start * width // 8:start * width // 8 + part.numel()] = part
         else:
-            mask[start:start + chunk.shape[0]] = keep
+            mask[start:start + part.shape[0]] = part
     return mask
 
 

@@ -104,4 +104,5 @@ class DataNormSparsifier(BaseDataSparsifier):
         with torch.no_grad():
             keep = block_norm_mask_chunked(data, level, block, zeros, self.norm, packed=self.mask_dtype == "packed",
                                            max_chunk_bytes=self.max_chunk_bytes)
-        mask.data = keep.to(torch.int8) if self.mask_dtype is None else keep
+        # bool -> int8 as a view (same bytes, 0/1): no copy of a table-sized mask
+        mask.data = keep.view(torch.int8) if self.mask_dtype is None else keep

@@ -3,7 +3,8 @@
 `accelerate_torch_ao()` replaces `update_mask` on torch.ao.pruning's WeightNormSparsifier,
 DataNormSparsifier and NearlyDiagonalSparsifier (at the class level, so instances that already exist are
 covered) with versions that compute the mask with sparsity_ext.ops (on the backend in force, see
-use_backend). Everything else about those objects is torch.ao.pruning's own: prepare, step, schedulers,
+use_backend), or, for NearlyDiagonalSparsifier, fill the band one diagonal at a time instead of one row
+at a time. Everything else about those objects is torch.ao.pruning's own: prepare, step, schedulers,
 state_dict, squash_mask.
 
 The patched method gives the mask torch.ao.pruning would: same values (on tie-free data: tie choices of
@@ -154,17 +155,19 @@ def _data_norm_update_mask(ao_class: type, original):
 def _nearly_diagonal_update_mask(ao_class: type, original):
     @functools.wraps(original)
     def update_mask(self, module, tensor_name, nearliness, **kwargs):
-        mask = getattr(module.parametrizations, tensor_name)[0].mask
+        parametrizations = getattr(module.parametrizations, tensor_name)
+        mask = parametrizations[0].mask
         nearliness_int = _exact_int(nearliness)
-        if (nearliness_int is None or nearliness_int <= 0 or nearliness_int % 2 == 0 or mask.dim() != 2
+        # A lone parametrization whose mask has the tensor's shape: the band needs no weight computed.
+        if (nearliness_int is None or nearliness_int <= 0 or nearliness_int % 2 == 0 or len(parametrizations) != 1
+                or mask.dim() != 2 or mask.shape != parametrizations.original.shape
                 or nearliness_int // 2 >= min(mask.shape)):
             return original(self, module, tensor_name, nearliness, **kwargs)
-        mask.data = torch.zeros_like(mask)
-        height, width = getattr(module, tensor_name).shape  # as torch.ao.pruning: band bounds from the tensor
-        rows = torch.arange(height, device=mask.device)[:, None]
-        cols = torch.arange(width, device=mask.device)[None, :]
-        # torch.ao.pruning fills mask[row, max(0, row - d): row + d + 1] with 1, row by row.
-        mask[:height, :width].masked_fill_((rows - cols).abs() <= nearliness_int // 2, 1)
+        band = torch.zeros_like(mask)
+        # torch.ao.pruning fills mask[row, max(0, row - d): row + d + 1] row by row: the diagonals -d..d.
+        for offset in range(-(nearliness_int // 2), nearliness_int // 2 + 1):
+            band.diagonal(offset).fill_(1)
+        mask.data = band
 
     return update_mask
 

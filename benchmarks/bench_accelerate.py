@@ -1,6 +1,7 @@
 """torch.ao.pruning's own sparsifiers, unpatched vs under sparsity_ext.accelerate_torch_ao().
 
-One process times torch.ao.pruning's WeightNormSparsifier.step / DataNormSparsifier.step on each case,
+One process times torch.ao.pruning's WeightNormSparsifier.step / DataNormSparsifier.step (and
+NearlyDiagonalSparsifier.step) on each case,
 then patches the classes with sparsity_ext.accelerate_torch_ao() and times the same sparsifier objects
 again (restore_torch_ao() afterwards). It also checks that both give the same mask (values and dtype).
 
@@ -28,37 +29,43 @@ from sparsity_ext.bench.measure import copy_bandwidth, run_meta, time_call, writ
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    kind: str                # "weight": WeightNormSparsifier on an nn.Linear weight; "data": DataNormSparsifier
+    kind: str                # "weight": WeightNormSparsifier on an nn.Linear weight; "data": DataNormSparsifier;
+                             # "diagonal": NearlyDiagonalSparsifier on an nn.Linear weight (level = nearliness)
     shape: tuple[int, int]
     level: float
-    block: tuple[int, int]
-    zeros: int
+    block: tuple[int, int] = (1, 1)
+    zeros: int = 1
 
 
 CASES = [
     Case("WeightNorm 4096x4096 (1,4) 50%", "weight", (4096, 4096), 0.5, (1, 4), 4),
     Case("WeightNorm 4096x4096 2:4", "weight", (4096, 4096), 1.0, (1, 4), 2),
     Case("DataNorm 1000000x64 (1,4) 80%", "data", (1_000_000, 64), 0.8, (1, 4), 4),
+    Case("NearlyDiagonal 4096x4096 nearliness 9", "diagonal", (4096, 4096), 9),
 ]
 QUICK = [
     Case("WeightNorm 512x512 (1,4) 50%", "weight", (512, 512), 0.5, (1, 4), 4),
     Case("WeightNorm 512x512 2:4", "weight", (512, 512), 1.0, (1, 4), 2),
     Case("DataNorm 20000x64 (1,4) 80%", "data", (20_000, 64), 0.8, (1, 4), 4),
+    Case("NearlyDiagonal 512x512 nearliness 9", "diagonal", (512, 512), 9),
 ]
 
 
 def torch_ao_sparsifier(case: Case, device: str):
     """(torch.ao.pruning sparsifier ready to step, function returning its current mask)."""
-    from torch.ao.pruning import WeightNormSparsifier
+    from torch.ao.pruning import NearlyDiagonalSparsifier, WeightNormSparsifier
     from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
     data = torch.randn(case.shape, device=device)
-    if case.kind == "weight":
+    if case.kind in ("weight", "diagonal"):
         model = nn.Sequential(nn.Linear(case.shape[1], case.shape[0], bias=False, device=device))
         with torch.no_grad():
             model[0].weight.copy_(data)
-        sparsifier = WeightNormSparsifier(sparsity_level=case.level, sparse_block_shape=case.block,
-                                          zeros_per_block=case.zeros)
+        if case.kind == "weight":
+            sparsifier = WeightNormSparsifier(sparsity_level=case.level, sparse_block_shape=case.block,
+                                              zeros_per_block=case.zeros)
+        else:
+            sparsifier = NearlyDiagonalSparsifier(nearliness=int(case.level))
         sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
         return sparsifier, lambda: model[0].parametrizations.weight[0].mask
     sparsifier = DataNormSparsifier(sparsity_level=case.level, sparse_block_shape=case.block,

@@ -376,3 +376,22 @@ def test_nearly_diagonal_falls_back(nearliness):
         assert got == expected
     else:
         assert_same_snapshots(expected, got)
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_nearly_diagonal_with_a_second_parametrization_falls_back():
+    def run():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8, bias=False))
+        sparsifier = ao.NearlyDiagonalSparsifier(nearliness=3)
+        sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+        nn.utils.parametrize.register_parametrization(model[0], "weight", _Scale())
+        sparsifier.step()
+        return [("mask", model[0].parametrizations.weight[0].mask.clone()), ("weight", model[0].weight.detach())]
+
+    expected, got = both_ways(run)
+    assert_same_snapshots(expected, got)

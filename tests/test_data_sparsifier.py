@@ -132,6 +132,20 @@ def test_lean_mask_never_allocates_a_float_mask_and_squashes_in_place(mask_dtype
     assert (emb.weight == 0).float().mean().item() == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("mask_dtype", [None, *LEAN])
+def test_add_data_returns_the_data_itself_only_for_a_fresh_lean_mask(mask_dtype):
+    """A lean sparsifier's add_data hands back the data (no table-sized product); torch.ao's format, and any
+    mask that drops something, give the parametrized data, a new tensor."""
+    data = torch.randn(40, 8)
+    sparsifier = DataNormSparsifier(mask_dtype=mask_dtype)
+    returned = sparsifier.add_data("t", data)
+    assert torch.equal(returned, data)
+    assert (returned is data) == (mask_dtype is not None)
+    given = torch.rand(40, 8) < 0.5
+    masked = sparsifier.add_data("m", data.clone(), mask=given)
+    assert masked is not data and torch.equal(masked, data * given)
+
+
 def test_data_norm_level_follows_torch_ao_rounding():
     # round(s * n) blocks, capped at n only: 0.9 of 4 blocks rounds to all 4 (WeightNorm would keep 1)
     assert data_norm_level(0.9, 4) == 1.0

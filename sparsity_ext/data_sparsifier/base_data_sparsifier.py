@@ -126,7 +126,8 @@ class BaseDataSparsifier(BaseSparsifier):
 
     def add_data(self, name: str, data, reuse_mask: bool = True, **config):
         """Adds `data` (torch.Tensor, nn.Parameter, nn.Embedding or nn.EmbeddingBag) under `name` and
-        parametrizes it with an all-keep mask (or config["mask"]); returns the parametrized data.
+        parametrizes it with an all-keep mask (or config["mask"]); returns the parametrized data (with lean
+        masks and a new all-keep mask, the data itself: the same values, without a table-sized copy).
 
         The data is held by reference: changes made to it outside the sparsifier are seen inside.
         If `name` exists, the new data replaces it (with a warning) and keeps the old config updated by
@@ -157,11 +158,16 @@ class BaseDataSparsifier(BaseSparsifier):
                 mask = self.get_mask(name=name)
             self._delete_data(name=name)
 
-        mask = self._new_mask(weight) if mask is None else self._to_mask_format(mask, weight)
+        all_keep = mask is None
+        mask = self._new_mask(weight) if all_keep else self._to_mask_format(mask, weight)
         self._container.register_buffer(name, weight)
         parametrize.register_parametrization(self._container, name, param_class(mask), unsafe=True)
         self.state[name]["mask"] = mask
         self.data_groups[name] = local_args
+        if all_keep and self._lean and len(getattr(self._container.parametrizations, name)) == 1:
+            # The sparsified data equals the data while its mask keeps everything: return the data itself,
+            # not a table-sized product (the point of lean masks is to need no such copy).
+            return weight
         return getattr(self._container, name)
 
     def get_data(self, name: str, return_original: bool = True):

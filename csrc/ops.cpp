@@ -34,6 +34,10 @@ TORCH_LIBRARY(sparsity_ext, m) {
   m.def("block_scores(Tensor data, int[] block_shape, int norm) -> Tensor");
   m.def("block_norm_mask_select(Tensor data, Tensor scores, float threshold, int ties, int[] block_shape, "
         "int zeros_per_block, int norm, bool packed=False) -> Tensor");
+  // A sparsifier's mask update in one op: mask = block_norm_mask(mask * data, ...) written into mask
+  // (bool, float32 or data's dtype; 1 keep, 0 drop), without materializing mask * data.
+  m.def("block_norm_mask_update_(Tensor data, Tensor(a!) mask, float sparsity_level, int[] block_shape, "
+        "int zeros_per_block, int norm) -> ()");
   // k-th smallest (1-based) of a 1-D float tensor, NaN largest; returns (value, tie_rank): the k
   // smallest are every x < value plus the first tie_rank elements equal to value, by index.
   m.def("select_threshold(Tensor values, int k) -> (Tensor, Tensor)");
@@ -43,4 +47,8 @@ TORCH_LIBRARY(sparsity_ext, m) {
   // bool mask (any shape) -> uint8[ceil(numel/8)], row-major, bit i of byte j = element 8j+i.
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor packed, int[] shape) -> Tensor");
+  // Fused 2:4 prune (the 2 largest |x| of every 4 consecutive elements of a row, as nm_mask(data, 2, 4))
+  // and pack into torch's SparseSemiStructuredTensorCUTLASS layout: values (rows, cols/2) of data's
+  // dtype and reordered metadata (int16, or int32 for int8). csrc/common/semi_structured.h: the layout.
+  m.def("sparsify_24_pack(Tensor data) -> (Tensor, Tensor)");
 }

@@ -55,3 +55,11 @@ def _pack_mask_fake(mask):
 def _unpack_mask_fake(packed, shape):
     assert packed.numel() == (math.prod(shape) + 7) // 8
     return packed.new_empty(shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("sparsity_ext::sparsify_24_pack")
+def _sparsify_24_pack_fake(data):
+    # values (rows, cols/2); metadata: one int16 per 16 columns, or for int8 data one int32 per 32
+    rows, cols = data.shape
+    meta_dtype, cols_per_meta = (torch.int32, 32) if data.dtype == torch.int8 else (torch.int16, 16)
+    return data.new_empty((rows, cols // 2)), data.new_empty((rows, cols // cols_per_meta), dtype=meta_dtype)

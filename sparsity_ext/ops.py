@@ -13,9 +13,12 @@ from typing import Sequence
 import torch
 
 from . import _backend, _extension, reference
+from .semi_structured import _layout as _semi_structured_layout
+from .semi_structured import reference as _semi_structured_reference
 
 __all__ = ["block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select", "nm_mask",
-           "select_threshold", "apply_mask_", "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES"]
+           "select_threshold", "apply_mask_", "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES",
+           "sparsify_24_pack"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NORM_NAMES = {"L1": 1, "L2": 2}
@@ -255,6 +258,23 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return _run(op, packed, packed, list(shape))
 
 
+
+def sparsify_24_pack(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused 2:4 prune + pack into the layout of torch's SparseSemiStructuredTensorCUTLASS.
+
+    Args:
+        data: 2-D float16, bfloat16 or int8 tensor (CPU or CUDA); rows a positive multiple of 32 and cols
+            of 64 (int8: 16 and 128), torch's semi-structured shape constraints. Not modified.
+    Returns:
+        (values, metadata): values (rows, cols/2) of data's dtype, the 2 largest |x| of every 4
+        consecutive elements of a row (ties as nm_mask(data, 2, 4)); metadata (rows, cols/16) int16
+        (int8 data: (rows, cols/32) int32) in CUTLASS's reordered layout. Equal to torch's
+        sparse_semi_structured_from_dense_cutlass of data zeroed where nm_mask(data, 2, 4) is False.
+    """
+    op = "sparsify_24_pack"
+    _semi_structured_layout.check_dense(data, op)
+    return _run(op, data, data)
+
 # ------------------------------------------------------------------------------ registrations
 OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select", "nm_mask",
             "select_threshold", "apply_mask_", "pack_mask", "unpack_mask")
@@ -275,6 +295,18 @@ for _op in OP_NAMES:
             unavailable_reason=(lambda key: lambda: (_extension.load_error or f"the {key} kernel was not compiled")
                                 + f"; {_extension.BUILD_HINT}")(_key),
         )
+
+# sparsify_24_pack: its reference lives with the semi-structured layout (sparsity_ext.semi_structured).
+_backend.register("sparsify_24_pack", "reference", _semi_structured_reference.sparsify_24_pack,
+                  devices=("cpu", "cuda"))
+for _backend_name, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
+    _backend.register(
+        "sparsify_24_pack", _backend_name, lambda data: torch.ops.sparsity_ext.sparsify_24_pack(data),
+        devices=(_backend_name,), dtypes=_semi_structured_layout.PACK_DTYPES,
+        available=(lambda key: lambda: _extension.has_kernel("sparsify_24_pack", key))(_key),
+        unavailable_reason=(lambda key: lambda: (_extension.load_error or f"the {key} kernel was not compiled")
+                            + f"; {_extension.BUILD_HINT}")(_key),
+    )
 
 try:  # the optional triton backend registers itself (it imports triton only when first used)
     from . import triton as _triton_backend  # noqa: F401

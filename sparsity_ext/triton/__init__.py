@@ -55,6 +55,7 @@ import os
 import torch
 
 from .. import _backend
+from ..semi_structured._layout import PACK_DTYPES
 
 OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
             "pack_mask", "unpack_mask")
@@ -92,6 +93,11 @@ def _dispatch(op: str):
     return run
 
 
+def _sparsify_24_pack(data):
+    from . import semi_structured  # imports triton; the kernel compiles on its first launch
+    return semi_structured.sparsify_24_pack(data)
+
+
 def register() -> None:
     """(Re-)register the triton implementations with sparsity_ext's backend registry."""
     devices = ("cuda", "cpu") if interpreting() else ("cuda",)
@@ -99,6 +105,9 @@ def register() -> None:
         _backend.register(op, "triton", _dispatch(op), devices=devices,
                           dtypes=_DATA_DTYPES if op in _FLOAT_DATA_OPS else None,
                           available=is_available, unavailable_reason=lambda: _import_error() or "")
+    # sparsify_24_pack (sparsity_ext.semi_structured): its kernel is triton/semi_structured.py
+    _backend.register("sparsify_24_pack", "triton", _sparsify_24_pack, devices=devices, dtypes=PACK_DTYPES,
+                      available=is_available, unavailable_reason=lambda: _import_error() or "")
 
 
 register()

@@ -73,9 +73,7 @@ def _local_shard(data, group, where: str):
 
 @dataclass(frozen=True)
 class _ShardPlan:
-    """One table's global geometry and selection, the same on every rank."""
-    rows_per_rank: tuple[int, ...]
-    width: int
+    """What every rank needs to know of one table's selection (the same on every rank)."""
     block: tuple[int, int]
     zeros: int
     norm_code: int
@@ -118,12 +116,11 @@ def _plan_all(descriptors: list[dict[str, Any]], data_norm_levels: bool, where: 
                                  f"the block height {bh}; shard boundaries must fall on block-row boundaries "
                                  f"(rows by rank: {list(rows)})")
             start += count
-        width = shards[0]["width"]
-        num_blocks = -(-start // bh) * -(-width // bw)
+        num_blocks = -(-start // bh) * -(-shards[0]["width"] // bw)
         level = shards[0]["level"]
         if data_norm_levels:
             level = data_norm_level(level, num_blocks)
-        plans.append(_ShardPlan(rows, width, (bh, bw), shards[0]["zeros"], shards[0]["norm"],
+        plans.append(_ShardPlan((bh, bw), shards[0]["zeros"], shards[0]["norm"],
                                 num_selected_blocks(level, num_blocks), num_blocks))
     return plans
 

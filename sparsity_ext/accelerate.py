@@ -20,7 +20,8 @@ original method, so behaviour never changes: a custom norm callable, overridden 
 (_make_tensor_mask, _make_block_mask, ...), non-fp32 or non-2-D tensors, sparsity levels outside [0, 1]
 (DataNormSparsifier) or trivial ones (all kept / all zeroed), zeros_per_block out of range (the original
 raises its own error), DataNormSparsifier data that torch.ao.pruning's squeeze reshapes (1-D, one
-column), and WeightNormSparsifier's partial edge blocks with zeros_per_block smaller than the block.
+column), WeightNormSparsifier's partial edge blocks with zeros_per_block smaller than the block, and
+NearlyDiagonalSparsifier on a tensor with more than one parametrization or with a nearliness it rejects.
 
 Usage::
 

@@ -120,6 +120,15 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         "tie counts, the all-or-none vote -- plus the pickled shard description of the metadata all_gather_object. "
         "They do not depend on the table's size.",
         "",
+        "Unsharded: DataNormSparsifier.step on the same table in the 1-process run (the compiled one-shot CPU "
+        "kernel: scoring, radix select and mask write fused in C++). The sharded step runs its selection as torch "
+        "ops (order keys, histograms, compaction) and writes the mask with data_sparsifier._chunked.chunk_keep, "
+        "so at 1 process it is slower than the unsharded step; the sharded path exists to spread a table over "
+        "machines, its per-rank work shrinks with the shard.",
+        "",
+        f"Load average (1 min) when the run started / ended: {meta['load_average'][0]:.1f} / "
+        f"{meta['load_average'][1]:.1f} -- other jobs shared the cores, so times vary by tens of percent.",
+        "",
         "| rows | processes | threads/process | step ms | unsharded step ms | all-reduces | all-reduce bytes/rank "
         "| metadata bytes/rank |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -140,6 +149,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     args = parser.parse_args()
     import torch
+    load_at_start = os.getloadavg()[0]
     rows = []
     for world in args.worlds:
         rows += launch(world, args.rows, args.runs, args.threads)
@@ -150,7 +160,7 @@ def main() -> None:
               + (f"  unsharded {r['unsharded_ms']:.1f} ms" if "unsharded_ms" in r else ""))
     meta = dict(date=datetime.date.today().isoformat(), device=f"{platform.machine()}, {os.cpu_count()} cores",
                 torch=torch.__version__, python=platform.python_version(), backend="gloo",
-                threads_per_process=args.threads,
+                threads_per_process=args.threads, load_average=[load_at_start, os.getloadavg()[0]],
                 command="python benchmarks/bench_sharded.py " + " ".join(sys.argv[1:]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sharded-cpu.json"), "w") as f:

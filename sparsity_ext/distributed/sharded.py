@@ -250,7 +250,7 @@ def sharded_block_norm_mask(local_shard: torch.Tensor, sparsity_level: float, bl
         zeros = size if zeros_per_block is None else ops._check_int("zeros_per_block", zeros_per_block, where, 0, size)
         budget = ops._check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
         shard = _describe(local, level, block, zeros, ops.parse_norm(norm))
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- reported to every rank by the gather below
         error = f"{type(exc).__name__}: {exc}"
     plan, = _gather_plans(group, [None], None if error else [shard], error, False, where)
     exchange = Exchange(group, local.device)
@@ -328,7 +328,7 @@ class ShardedDataNormSparsifier(DataNormSparsifier):
                 level, block, zeros = self._check_config(config["sparsity_level"], config["sparse_block_shape"],
                                                          config["zeros_per_block"])
                 shards.append(_describe(data, level, block, zeros, ops.parse_norm(self.norm)))
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- reported to every rank by the gather below
             error = f"{type(exc).__name__}: {exc}"
         plans = _gather_plans(group, [name for name, _, _ in items], None if error else shards, error, True, where)
         exchange = Exchange(group, _device_of([data for _, data, _ in items]))

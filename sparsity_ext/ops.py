@@ -16,7 +16,8 @@ from . import _backend, _extension, reference
 from .semi_structured import _layout as _semi_structured_layout
 from .semi_structured import reference as _semi_structured_reference
 
-__all__ = ["block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select", "nm_mask",
+__all__ = ["block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
+           "block_norm_mask_select", "nm_mask",
            "select_threshold", "apply_mask_", "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES",
            "sparsify_24_pack"]
 
@@ -117,6 +118,41 @@ def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shap
     Returns the mask (bool, or packed bits with packed=True).
     """
     return _block_mask("block_norm_mask_apply_", data, sparsity_level, block_shape, zeros_per_block, norm, packed)
+
+
+def block_norm_mask_update_(data: torch.Tensor, mask: torch.Tensor, sparsity_level: float,
+                            block_shape: Sequence[int] = (1, 4), zeros_per_block: int | None = None,
+                            norm=2) -> torch.Tensor:
+    """A sparsifier's mask update in one op: mask = block_norm_mask(mask * data, ...), written into `mask`.
+
+    The masked weight mask * data (what a FakeSparsity parametrization computes) is scored without being
+    materialized: the compiled kernels compute it a few rows at a time, in cache.
+
+    Args:
+        data: 1-D (one row) or 2-D float tensor; not modified.
+        mask: data's shape and device; bool, float32 or data's dtype. Overwritten with 1 (keep) / 0 (drop).
+        sparsity_level, block_shape, zeros_per_block, norm: as block_norm_mask.
+    Returns:
+        mask.
+    """
+    op = "block_norm_mask_update_"
+    _check_float_data(data, op)
+    _check_tensor("mask", mask, op)
+    level = _check_level(sparsity_level, op)
+    bshape = _check_block_shape(block_shape, op)
+    block_size = bshape[0] * bshape[1]
+    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    if mask.device != data.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but data is on {data.device}")
+    if mask.shape != data.shape:
+        raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != data shape {tuple(data.shape)}")
+    if mask.dtype not in (torch.bool, torch.float32, data.dtype):
+        raise TypeError(f"{op}: mask must be bool, float32 or data's dtype ({data.dtype}), got {mask.dtype}")
+    target = mask if mask.is_contiguous() else mask.contiguous()
+    _run(op, data, _as_2d(data), _as_2d(target), level, bshape, zeros, parse_norm(norm))
+    if target is not mask:
+        mask.copy_(target)
+    return mask
 
 
 def block_scores(data: torch.Tensor, block_shape: Sequence[int] = (1, 4), norm=2) -> torch.Tensor:
@@ -276,12 +312,12 @@ def sparsify_24_pack(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(op, data, data)
 
 # ------------------------------------------------------------------------------ registrations
-OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select", "nm_mask",
-            "select_threshold", "apply_mask_", "pack_mask", "unpack_mask")
+OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
+            "block_norm_mask_select", "nm_mask", "select_threshold", "apply_mask_", "pack_mask", "unpack_mask")
 # fp64 data is scored by the reference only (rare in practice); the mask-format ops take any dtype.
 _COMPILED_DTYPES = {op: (torch.float32, torch.float16, torch.bfloat16) for op in
-                    ("block_norm_mask", "block_norm_mask_apply_", "block_scores", "block_norm_mask_select",
-                     "nm_mask", "select_threshold")}
+                    ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
+                     "block_norm_mask_select", "nm_mask", "select_threshold")}
 
 for _op in OP_NAMES:
     _backend.register(_op, "reference", getattr(reference, _op), devices=("cpu", "cuda"))

@@ -139,6 +139,11 @@ def block_norm_mask_select(data: torch.Tensor, scores: torch.Tensor, threshold: 
     return pack_mask(keep) if packed else keep
 
 
+def block_norm_mask_update_(data: torch.Tensor, mask: torch.Tensor, sparsity_level: float,
+                            block_shape: tuple[int, int], zeros_per_block: int, norm: int) -> None:
+    mask.copy_(block_norm_mask(mask * data, sparsity_level, block_shape, zeros_per_block, norm))
+
+
 def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: tuple[int, int],
                            zeros_per_block: int, norm: int, packed: bool = False) -> torch.Tensor:
     mask = block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm)

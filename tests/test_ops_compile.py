@@ -21,6 +21,8 @@ def _sample_calls():
         ("block_norm_mask", (half, 1.0, [1, 8], 4, 0, False)),
         ("block_norm_mask_apply_", (data.clone(), 0.5, [1, 4], 2, 1, False)),
         ("block_norm_mask_apply_", (half.clone(), 0.3, [3, 3], 9, 2, True)),
+        ("block_norm_mask_update_", (data, torch.ones(6, 20), 0.5, [1, 4], 4, 2)),
+        ("block_norm_mask_update_", (half, mask[:5, :16].clone(), 0.4, [2, 3], 2, 1)),
         ("block_scores", (data, [1, 4], 2)),
         ("block_scores", (half, [2, 3], 1)),
         ("block_norm_mask_select", (data, torch.ops.sparsity_ext.block_scores(data, [1, 4], 2), 0.5, 3, [1, 4], 2, 2,
@@ -58,7 +60,9 @@ def test_torch_compile_fullgraph_calls_every_op():
         z_mask = ops.block_norm_mask_apply_(z, 0.25, [2, 2], 4, 1, True)
         scores = ops.block_scores(x, [1, 4], 2)
         selected = ops.block_norm_mask_select(x, scores, 0.5, 2, [1, 4], 2, 2, False)
-        return mask, packed, unpacked, nm, value, tie_rank, y, z, z_mask, scores, selected
+        updated = torch.ones_like(x)
+        ops.block_norm_mask_update_(x, updated, 0.5, [1, 4], 4, 2)
+        return mask, packed, unpacked, nm, value, tie_rank, y, z, z_mask, scores, selected, updated
 
     eager = pipeline(data)
     torch._dynamo.reset()

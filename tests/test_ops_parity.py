@@ -145,6 +145,27 @@ def test_block_norm_mask_select_splits_block_norm_mask(backend, device, dtype, s
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_dtype", ["bool", "float32", "data"])
+@pytest.mark.parametrize("shape", [(1, 37), (7, 13), (33, 65), (300, 41)], ids=str)
+def test_block_norm_mask_update_scores_the_masked_data(backend, device, dtype, mask_dtype, shape):
+    """The mask is rewritten to block_norm_mask(mask * data): scored as torch's product (in its promoted dtype),
+    ties from masked-out blocks included, over tiles of rows (300 x 41 spans several)."""
+    _require(backend, device)
+    data = _data(shape, dtype, device, seed=shape[0] + 5 * shape[1], kind="ties")
+    g = torch.Generator().manual_seed(shape[0])
+    keep = (torch.rand(shape, generator=g) < 0.8).to(device)
+    mask_type = {"bool": torch.bool, "float32": torch.float32, "data": dtype}[mask_dtype]
+    for block, zeros, level, norm, _ in _configs(seed=shape[0] * 5 + shape[1], count=30):
+        expected = keep.to(mask_type)
+        reference.block_norm_mask_update_(data, expected, level, block, zeros, norm)
+        got = keep.to(mask_type)
+        with sparsity_ext.use_backend(backend):
+            ops.block_norm_mask_update_(data, got, level, block, zeros, norm)
+        assert got.dtype == mask_type and torch.equal(got, expected), (block, zeros, level, norm)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "column_slice", "transposed"])
 @pytest.mark.parametrize("shape", [(7, 13), (33, 64), (64, 96)], ids=str)
 def test_block_norm_mask_apply_matches_reference(backend, device, dtype, layout, shape):
@@ -297,6 +318,10 @@ BAD_CALLS = [
      "scores must be a 1-D float32"),
     ("block_norm_mask_select", lambda x: (x, torch.zeros(16, device=x.device), 0.5, -1, [1, 4], 4, 1, False),
      "ties must be"),
+    ("block_norm_mask_update_", lambda x: (x, torch.ones(8, 4, device=x.device), 0.5, [1, 4], 4, 1), "mask shape"),
+    ("block_norm_mask_update_", lambda x: (x, torch.ones(8, 8, dtype=torch.int8, device=x.device), 0.5, [1, 4], 4, 1),
+     "mask must be bool, float32"),
+    ("block_norm_mask_update_", lambda x: (x, torch.ones(8, 8, device=x.device), 1.5, [1, 4], 4, 1), "sparsity_level"),
     ("select_threshold", lambda x: (x.view(-1), 0), "k must be in"),
     ("select_threshold", lambda x: (x.view(-1), x.numel() + 1), "k must be in"),
     ("select_threshold", lambda x: (x, 1), "values must be 1-D"),

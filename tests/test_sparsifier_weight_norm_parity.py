@@ -11,7 +11,7 @@ import sparsity_ext
 from sparsity_ext import reference
 from sparsity_ext.sparsifier.weight_norm_sparsifier import as_matrix, from_matrix
 
-from conftest import tie_free
+from conftest import backend_available, tie_free
 
 BLOCKS = [(1, 1), (1, 4), (4, 1), (2, 2), (3, 5)]
 LEVELS = [0, 0.3, 0.5, 0.8, 1]
@@ -130,21 +130,33 @@ def test_callable_norm_ranks_its_scores_as_torch_ao_does():
 
 
 def test_callable_norm_goes_through_ops_with_the_identity_norm(monkeypatch):
-    """A callable norm is evaluated once and handed to ops.block_norm_mask with norm=0; built-in norms
-    hand over the weight itself with norm 1 or 2."""
+    """A callable norm is evaluated once and handed to ops.block_norm_mask with norm=0; built-in norms hand
+    the original weight and its mask to ops.block_norm_mask_update_ (with a compiled kernel; the reference
+    path hands the masked weight to ops.block_norm_mask) with norm 1 or 2."""
     calls = []
-    real = sparsity_ext.ops.block_norm_mask
+    real_mask, real_update = sparsity_ext.ops.block_norm_mask, sparsity_ext.ops.block_norm_mask_update_
 
-    def spy(data, level, block, zeros, norm, *rest):
-        calls.append((data.clone(), norm))
-        return real(data, level, block, zeros, norm, *rest)
+    def spy_mask(data, level, block, zeros, norm, *rest):
+        calls.append(("block_norm_mask", data.clone(), norm))
+        return real_mask(data, level, block, zeros, norm, *rest)
 
-    monkeypatch.setattr(sparsity_ext.ops, "block_norm_mask", spy)
+    def spy_update(data, mask, level, block, zeros, norm):
+        calls.append(("block_norm_mask_update_", data.clone(), norm))
+        return real_update(data, mask, level, block, zeros, norm)
+
+    monkeypatch.setattr(sparsity_ext.ops, "block_norm_mask", spy_mask)
+    monkeypatch.setattr(sparsity_ext.ops, "block_norm_mask_update_", spy_update)
     weight = tie_free((4, 8), seed=6)
     _sparsify(sparsity_ext.WeightNormSparsifier, weight, norm=lambda t: t.abs() + 1)
-    _sparsify(sparsity_ext.WeightNormSparsifier, weight, norm=1)
-    assert calls[0][1] == 0 and torch.equal(calls[0][0], weight.abs() + 1)
-    assert calls[1][1] == 1 and torch.equal(calls[1][0], weight)
+    assert [c[0] for c in calls] == ["block_norm_mask"]
+    assert calls[0][2] == 0 and torch.equal(calls[0][1], weight.abs() + 1)
+    for backend in ("reference", "cpu") if backend_available("cpu", "cpu") else ("reference",):
+        calls.clear()
+        with sparsity_ext.use_backend(backend):
+            _sparsify(sparsity_ext.WeightNormSparsifier, weight, norm=1)
+        op = "block_norm_mask" if backend == "reference" else "block_norm_mask_update_"
+        assert [c[0] for c in calls] == [op]
+        assert calls[0][2] == 1 and torch.equal(calls[0][1], weight)  # the first mask keeps everything
 
 
 @pytest.mark.parametrize("shape,block,level,zeros", [
@@ -233,3 +245,20 @@ def test_reference_and_auto_backends_give_the_same_masks(dtype, shape, block, le
                                  sparse_block_shape=block, zeros_per_block=zeros)
         masks.append(_mask(model))
     assert torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("block,zeros", [((1, 4), 4), ((1, 4), 2), ((2, 4), 3)])
+def test_steps_on_a_weight_of_many_row_tiles_equal_torch_ao(block, zeros):
+    """The fused update scores mask * original tile by tile (128 KiB of rows); over rising levels, where each
+    step re-scores the weight masked by the previous one, the masks stay torch.ao's."""
+    weight = tie_free((300, 1000), seed=11)  # whole blocks: torch.ao mis-shapes partial ones
+    ours_model, theirs_model = _model_with(weight), _model_with(weight)
+    ours = sparsity_ext.WeightNormSparsifier(sparse_block_shape=block, zeros_per_block=zeros)
+    theirs = tao.WeightNormSparsifier(sparse_block_shape=block, zeros_per_block=zeros)
+    ours.prepare(ours_model, [{"tensor_fqn": "weight"}])
+    theirs.prepare(theirs_model, [{"tensor_fqn": "weight"}])
+    for level in (0.3, 0.55, 0.8):
+        for sparsifier in (ours, theirs):
+            sparsifier.groups[0]["sparsity_level"] = level
+            sparsifier.step()
+        assert torch.equal(_mask(ours_model), _mask(theirs_model)), level

@@ -66,6 +66,14 @@ inline void check_block_scores_arg(const char* op, const at::Tensor& scores, con
               grid.num_blocks(), "), got ", scores.numel());
 }
 
+// The mask block_norm_mask_update_ scores data with and rewrites: data's shape, bool, float32 or data's dtype.
+inline void check_update_mask_arg(const char* op, const at::Tensor& data, const at::Tensor& mask) {
+  TORCH_CHECK(mask.sizes() == data.sizes(), op, ": mask shape ", mask.sizes(), " != data shape ", data.sizes());
+  const auto dtype = mask.scalar_type();
+  TORCH_CHECK(dtype == at::kBool || dtype == at::kFloat || dtype == data.scalar_type(), op,
+              ": mask must be bool, float32 or data's dtype (", data.scalar_type(), "), got ", dtype);
+}
+
 inline void check_nm_args(int64_t n, int64_t m) {
   TORCH_CHECK(m >= 1 && n >= 0 && n <= m, "nm_mask: need m >= 1 and 0 <= n <= m, got n=", n, ", m=", m);
 }

@@ -8,8 +8,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import ops
+from .. import _backend, ops
 from .base_sparsifier import BaseSparsifier, checked_shape, mask_of
+from .utils import FakeSparsity
 
 __all__ = ["WeightNormSparsifier"]
 
@@ -66,7 +67,8 @@ class WeightNormSparsifier(BaseSparsifier):
     masked block, zeros_per_block elements of smallest norm (all of them by default).
 
     The weight scored is the current masked weight (mask * original), as in torch.ao.pruning, so
-    masked elements stay masked. The mask is sparsity_ext.ops.block_norm_mask (DESIGN.md "Mask
+    masked elements stay masked; where a compiled kernel serves ops.block_norm_mask_update_, it is scored
+    without being materialized. The mask is sparsity_ext.ops.block_norm_mask (DESIGN.md "Mask
     semantics"): blocks tile the weight from the top-left, edge blocks are partial and scored by the
     mean over their valid elements; fp16/bf16 weights are scored in fp32.
 
@@ -139,12 +141,30 @@ class WeightNormSparsifier(BaseSparsifier):
             if level == 1 and zeros == block[0] * block[1]:
                 mask.fill_(0)
                 return
+            original = self._fused_update_input(module, tensor_name, mask)
+            if original is not None:
+                ops.block_norm_mask_update_(original, mask, level, block, zeros, 1 if self.norm_fn is _l1_norm else 2)
+                return
             weight = getattr(module, tensor_name)
             if weight.dim() == 0:
                 raise ValueError(f"{where}: cannot sparsify a 0-d tensor")
             data, norm = self._scores_and_norm(weight)
             keep = ops.block_norm_mask(as_matrix(data), level, block, zeros, norm)
             mask.copy_(from_matrix(keep, weight.shape))
+
+    def _fused_update_input(self, module, tensor_name: str, mask: torch.Tensor) -> torch.Tensor | None:
+        """The original tensor when ops.block_norm_mask_update_ can compute this mask from it directly: the weight
+        is just mask * original (one FakeSparsity), 1-D or 2-D, with a built-in norm and a mask dtype the op
+        takes, and a compiled kernel serves the op (the reference would materialize the product anyway)."""
+        parametrizations = module.parametrizations[tensor_name]
+        original = parametrizations.original
+        if (len(parametrizations) != 1 or type(parametrizations[0]) is not FakeSparsity
+                or self.norm_fn not in (_l1_norm, _l2_norm) or original.dim() not in (1, 2)
+                or mask.dtype not in (torch.bool, torch.float32, original.dtype)):
+            return None
+        if _backend.resolve("block_norm_mask_update_", original.device, original.dtype)[0] == "reference":
+            return None
+        return original
 
     def _make_tensor_mask(self, data, input_shape, sparsity_level, sparse_block_shape, mask=None):
         """Float mask (1 keep, 0 drop) that drops the sparsity_level fraction of whole blocks of `data`

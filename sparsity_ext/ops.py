@@ -319,8 +319,13 @@ _COMPILED_DTYPES = {op: (torch.float32, torch.float16, torch.bfloat16) for op in
                     ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
                      "block_norm_mask_select", "nm_mask", "select_threshold")}
 
-for _op in OP_NAMES:
-    _backend.register(_op, "reference", getattr(reference, _op), devices=("cpu", "cuda"))
+_REFERENCES = {**{op: getattr(reference, op) for op in OP_NAMES},
+               # its reference lives with the semi-structured layout (sparsity_ext.semi_structured)
+               "sparsify_24_pack": _semi_structured_reference.sparsify_24_pack}
+_COMPILED_DTYPES["sparsify_24_pack"] = _semi_structured_layout.PACK_DTYPES
+
+for _op, _reference in _REFERENCES.items():
+    _backend.register(_op, "reference", _reference, devices=("cpu", "cuda"))
     for _backend_name, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
         _backend.register(
             _op, _backend_name,
@@ -332,17 +337,22 @@ for _op in OP_NAMES:
                                 + f"; {_extension.BUILD_HINT}")(_key),
         )
 
-# sparsify_24_pack: its reference lives with the semi-structured layout (sparsity_ext.semi_structured).
-_backend.register("sparsify_24_pack", "reference", _semi_structured_reference.sparsify_24_pack,
-                  devices=("cpu", "cuda"))
-for _backend_name, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
-    _backend.register(
-        "sparsify_24_pack", _backend_name, lambda data: torch.ops.sparsity_ext.sparsify_24_pack(data),
-        devices=(_backend_name,), dtypes=_semi_structured_layout.PACK_DTYPES,
-        available=(lambda key: lambda: _extension.has_kernel("sparsify_24_pack", key))(_key),
-        unavailable_reason=(lambda key: lambda: (_extension.load_error or f"the {key} kernel was not compiled")
-                            + f"; {_extension.BUILD_HINT}")(_key),
-    )
+
+def select_on_level_one_mask(data, scores, threshold, ties, block_shape, zeros_per_block, norm, packed=False):
+    """block_norm_mask_select for GPU backends that have a block_norm_mask kernel but none of their own for it:
+    block_norm_mask at level 1 ranks inside every block on that kernel, and the blocks the threshold leaves
+    unselected are kept."""
+    keep = block_norm_mask(data, 1.0, block_shape, zeros_per_block, norm)
+    keep |= ~reference.expand_block_flags(reference.blocks_at_threshold(scores, threshold, ties), tuple(data.shape),
+                                          tuple(block_shape))
+    return pack_mask(keep) if packed else keep
+
+
+_backend.register("block_norm_mask_select", "cuda", select_on_level_one_mask, devices=("cuda",),
+                  dtypes=_COMPILED_DTYPES["block_norm_mask_select"],
+                  available=lambda: _extension.has_kernel("block_norm_mask", "CUDA"),
+                  unavailable_reason=lambda: (_extension.load_error or "the CUDA kernels were not compiled")
+                  + f"; {_extension.BUILD_HINT}")
 
 try:  # the optional triton backend registers itself (it imports triton only when first used)
     from . import triton as _triton_backend  # noqa: F401

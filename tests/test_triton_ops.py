@@ -435,3 +435,16 @@ def test_gpu_autotuned_bit_exact(monkeypatch):
         for level in (0.3, 0.5, 0.9):
             for packed in (False, True):
                 assert_block_mask_matches(data, level, block, zeros, 2, packed=packed)
+
+
+@pytest.mark.parametrize("block,zeros,level", [((1, 4), 2, 0.5), ((2, 3), 6, 0.3), ((3, 5), 4, 0.8)])
+def test_block_norm_mask_select_on_triton_equals_the_reference(block, zeros, level):
+    """The triton backend's block_norm_mask_select (its level-1 block_norm_mask plus the threshold's blocks),
+    with ties split at the threshold."""
+    data = (torch.randint(-2, 3, (9, 17), generator=torch.Generator().manual_seed(3)) * 0.5).to(DEVICE)
+    scores = reference.block_scores(data, block, 1)
+    k = reference.num_selected_blocks(level, scores.numel())
+    threshold, ties = reference.select_threshold(scores, k)
+    with sparsity_ext.use_backend("triton"):
+        got = ops.block_norm_mask_select(data, scores, threshold, ties, block, zeros, 1)
+    assert torch.equal(got, reference.block_norm_mask(data, level, block, zeros, 1))

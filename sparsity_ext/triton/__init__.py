@@ -98,6 +98,11 @@ def _sparsify_24_pack(data):
     return semi_structured.sparsify_24_pack(data)
 
 
+def _select_on_level_one_mask(*args):
+    from ..ops import select_on_level_one_mask  # ops imports this package at its end
+    return select_on_level_one_mask(*args)
+
+
 def register() -> None:
     """(Re-)register the triton implementations with sparsity_ext's backend registry."""
     devices = ("cuda", "cpu") if interpreting() else ("cuda",)
@@ -105,6 +110,9 @@ def register() -> None:
         _backend.register(op, "triton", _dispatch(op), devices=devices,
                           dtypes=_DATA_DTYPES if op in _FLOAT_DATA_OPS else None,
                           available=is_available, unavailable_reason=lambda: _import_error() or "")
+    # block_norm_mask_select: the triton block_norm_mask at level 1, and the threshold's blocks (see ops)
+    _backend.register("block_norm_mask_select", "triton", _select_on_level_one_mask, devices=devices,
+                      dtypes=_DATA_DTYPES, available=is_available, unavailable_reason=lambda: _import_error() or "")
     # sparsify_24_pack (sparsity_ext.semi_structured): its kernel is triton/semi_structured.py
     _backend.register("sparsify_24_pack", "triton", _sparsify_24_pack, devices=devices, dtypes=PACK_DTYPES,
                       available=is_available, unavailable_reason=lambda: _import_error() or "")

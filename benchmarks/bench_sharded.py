@@ -90,10 +90,17 @@ def worker(rank: int, world: int, init_file: str, out_file: str, sizes: list[int
     dist.destroy_process_group()
 
 
-def launch(world: int, sizes: list[int], runs: int, threads: int) -> list[dict]:
+# glibc settings that keep freed memory for reuse instead of returning it to the kernel: every step allocates
+# scores, keys and masks afresh, and on this VM faulting fresh pages in costs more than the step's arithmetic,
+# and more still when processes fault at once.
+MALLOC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+                "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+def launch(world: int, sizes: list[int], runs: int, threads: int, malloc: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rank0.json")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(MALLOC_REUSE if malloc == "reuse" else {}))
         worker_args = [os.path.join(tmp, "store"), out_file, ",".join(map(str, sizes)), str(runs), str(threads)]
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(rank), str(world), *worker_args], env=env)
                  for rank in range(world)]
@@ -101,7 +108,7 @@ def launch(world: int, sizes: list[int], runs: int, threads: int) -> list[dict]:
         if any(codes):
             raise RuntimeError(f"world {world}: exit codes {codes}")
         with open(out_file) as f:
-            return json.load(f)
+            return [dict(row, malloc=malloc) for row in json.load(f)]
 
 
 def _markdown(meta: dict, rows: list[dict]) -> str:
@@ -129,14 +136,19 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         f"Load average (1 min) when the run started / ended: {meta['load_average'][0]:.1f} / "
         f"{meta['load_average'][1]:.1f} -- other jobs shared the cores, so times vary by tens of percent.",
         "",
-        "| rows | processes | threads/process | step ms | unsharded step ms | all-reduces | all-reduce bytes/rank "
-        "| metadata bytes/rank |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "malloc: `reuse` runs the workers with glibc told to keep freed memory ("
+        + ", ".join(f"{k}={v}" for k, v in MALLOC_REUSE.items()) + "); `default` with glibc's settings, under "
+        "which every step's large temporaries are fresh pages: on this VM page faults then cost more than the "
+        "arithmetic, and contend across processes, so `default` barely gains from more processes.",
+        "",
+        "| malloc | rows | processes | threads/process | step ms | unsharded step ms | all-reduces "
+        "| all-reduce bytes/rank | metadata bytes/rank |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         unsharded = f"{r['unsharded_ms']:.1f}" if "unsharded_ms" in r else ""
-        lines.append(f"| {r['rows']:,} | {r['world']} | {r['threads_per_process']} | {r['ms']:.1f} | {unsharded} | "
-                     f"{r['collectives']} | {r['allreduce_bytes_per_rank']:,} | {r['metadata_bytes_per_rank']} |")
+        lines.append(f"| {r['malloc']} | {r['rows']:,} | {r['world']} | {r['threads_per_process']} | {r['ms']:.1f} "
+                     f"| {unsharded} | {r['collectives']} | {r['allreduce_bytes_per_rank']:,} | {r['metadata_bytes_per_rank']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,16 +158,19 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--malloc", nargs="+", choices=["reuse", "default"], default=["reuse", "default"],
+                        help="glibc malloc settings of the workers: reuse freed memory (MALLOC_REUSE), or glibc's own")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     args = parser.parse_args()
     import torch
     load_at_start = os.getloadavg()[0]
     rows = []
-    for world in args.worlds:
-        rows += launch(world, args.rows, args.runs, args.threads)
-    rows.sort(key=lambda r: (r["rows"], r["world"]))
+    for malloc in args.malloc:
+        for world in args.worlds:
+            rows += launch(world, args.rows, args.runs, args.threads, malloc)
+    rows.sort(key=lambda r: (r["malloc"] != "reuse", r["rows"], r["world"]))
     for r in rows:
-        print(f"{r['rows']:>9} rows  {r['world']} proc  {r['ms']:9.1f} ms  "
+        print(f"{r['malloc']:>7} {r['rows']:>9} rows  {r['world']} proc  {r['ms']:9.1f} ms  "
               f"{r['allreduce_bytes_per_rank']:>7} B all-reduced/rank ({r['collectives']} all-reduces)"
               + (f"  unsharded {r['unsharded_ms']:.1f} ms" if "unsharded_ms" in r else ""))
     meta = dict(date=datetime.date.today().isoformat(), device=f"{platform.machine()}, {os.cpu_count()} cores",

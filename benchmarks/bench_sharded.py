@@ -134,12 +134,14 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         "machines, its per-rank work shrinks with the shard.",
         "",
         f"Load average (1 min) when the run started / ended: {meta['load_average'][0]:.1f} / "
-        f"{meta['load_average'][1]:.1f} -- other jobs shared the cores, so times vary by tens of percent.",
+        f"{meta['load_average'][1]:.1f}. Other jobs shared the cores: repeated runs minutes apart differed by up to "
+        "2x at 2 and 4 processes (the 2-process step on 4e6 rows took from 0.84 to 1.5 s), so read the times as rough; "
+        "the bytes are exact.",
         "",
         "malloc: `reuse` runs the workers with glibc told to keep freed memory ("
         + ", ".join(f"{k}={v}" for k, v in MALLOC_REUSE.items()) + "); `default` with glibc's settings, under "
-        "which every step's large temporaries are fresh pages: on this VM page faults then cost more than the "
-        "arithmetic, and contend across processes, so `default` barely gains from more processes.",
+        "which every step's large temporaries are fresh pages, and page faults are costly on this VM (compare the "
+        "1-process rows).",
         "",
         "| malloc | rows | processes | threads/process | step ms | unsharded step ms | all-reduces "
         "| all-reduce bytes/rank | metadata bytes/rank |",

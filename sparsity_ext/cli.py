@@ -102,7 +102,8 @@ def _add_sparsify_parser(sub) -> None:
                    help="also time torch.ao.pruning's DataNormSparsifier on each tensor and check it gives the "
                         "same result (default: on without CHECKPOINT, off with one)")
     p.add_argument("--max-chunk-mb", type=_positive_int, default=256, metavar="MB",
-                   help="tensors larger than this are processed in row chunks (default 256)")
+                   help="without a compiled kernel taking the tensor whole (reference backend, layouts it would "
+                        "copy), tensors larger than this are processed in row chunks (default 256)")
 
 
 # ------------------------------------------------------------------------------- checkpoint I/O

@@ -11,10 +11,13 @@ chunked path keeps the global selection in three steps:
      table's blocks and the result is the one-shot op's, bit for bit.
 Working memory beyond the output mask is O(num_blocks) plus the temporaries of one chunk.
 
-Tables that fit in the budget go to the one-shot op (ops.block_norm_mask / block_norm_mask_apply_)
-when a compiled kernel serves it; the pure-torch reference sorts every element for clarity, and the
-three steps above are faster than it on any size, so on the reference backend every table takes
-the chunked path (a single chunk when it fits).
+Where a compiled kernel serves ops.block_norm_mask, the table goes to it in one piece
+(ops.block_norm_mask / block_norm_mask_apply_): it runs the same three steps inside, with the same
+O(num_blocks) working memory and no temporary of the table's size, as long as it can read the rows in
+place (a unit column stride); other layouts, which it would copy whole, take the chunked path when
+larger than the budget. The pure-torch reference sorts every element for clarity, and the three steps
+above are faster than it on any size, so on the reference backend every table takes the chunked path
+(a single chunk when it fits).
 """
 from __future__ import annotations
 
@@ -83,22 +86,29 @@ def chunk_keep(chunk: torch.Tensor, selected: torch.Tensor | None, block_shape: 
     return keep
 
 
-def _one_shot_preferred(data: torch.Tensor) -> bool:
-    """A compiled kernel serves ops.block_norm_mask for this tensor (see the module docstring)."""
-    return _backend.resolve("block_norm_mask", data.device, data.dtype)[0] != "reference"
+def _one_shot_preferred(table: torch.Tensor, max_chunk_bytes: int) -> bool:
+    """A compiled kernel serves ops.block_norm_mask for this 2-D table, and either the table fits the budget or
+    the kernel reads its rows in place (no copy of it; see the module docstring)."""
+    if _backend.resolve("block_norm_mask", table.device, table.dtype)[0] == "reference":
+        return False
+    rows_in_place = ((table.shape[1] <= 1 or table.stride(1) == 1)
+                     and (table.shape[0] <= 1 or table.stride(0) >= table.shape[1]))
+    return rows_in_place or table.numel() * table.element_size() <= max_chunk_bytes
 
 
 def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_shape=(1, 4),
                             zeros_per_block: int | None = None, norm=1, *, packed: bool = False,
                             apply: bool = False, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> torch.Tensor:
-    """ops.block_norm_mask (or, with apply=True, ops.block_norm_mask_apply_), processing at most about
-    max_chunk_bytes of `data` at a time; the result is the one-shot op's, bit for bit.
+    """ops.block_norm_mask (or, with apply=True, ops.block_norm_mask_apply_) without temporaries of the table's
+    size: a compiled kernel takes the table whole (its working memory is O(num_blocks)), the reference and
+    layouts the kernel would copy go in row chunks of about max_chunk_bytes; the result is the one-shot op's,
+    bit for bit.
 
     Args:
         data: 1-D (one row) or 2-D float tensor; zeroed in place where the mask is False when apply=True.
         sparsity_level, block_shape, zeros_per_block, norm: as ops.block_norm_mask (norm 'L1'/'L2'/1/2).
         packed: return the mask bit-packed (ops.pack_mask layout) instead of bool.
-        max_chunk_bytes: bytes of `data` per chunk (at least one block row is taken per chunk).
+        max_chunk_bytes: bytes of `data` per chunk, where chunked (at least one block row per chunk).
     Returns:
         bool mask of data's shape (True = keep), or the packed bits.
     """
@@ -114,7 +124,7 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
 
     table = data.unsqueeze(0) if data.dim() == 1 else data
     height, width = table.shape
-    if table.numel() * table.element_size() <= max_chunk_bytes and _one_shot_preferred(data):
+    if _one_shot_preferred(table, max_chunk_bytes):
         one_shot = ops.block_norm_mask_apply_ if apply else ops.block_norm_mask
         return one_shot(data, level, block, zeros, norm_code, packed=packed)
 

@@ -1,7 +1,7 @@
 """DataNormSparsifier: zero the blocks of each piece of data with the smallest mean norm, or the smallest
 elements within them. Mirrors torch.ao.pruning._experimental.data_sparsifier.DataNormSparsifier; the
-mask comes from sparsity_ext.ops (through block_norm_mask_chunked, so tables larger than
-max_chunk_bytes are processed in row chunks with the same result)."""
+mask comes from sparsity_ext.ops (through block_norm_mask_chunked: no temporary of the table's size; on the
+reference backend, tables larger than max_chunk_bytes are processed in row chunks with the same result)."""
 from __future__ import annotations
 
 import math
@@ -49,7 +49,8 @@ class DataNormSparsifier(BaseDataSparsifier):
         norm: "L1" or "L2".
         mask_dtype: None (torch.ao.pruning's float mask, int8 after the first step), torch.bool or
             "packed" (1 bit per element); see sparsity_ext.data_sparsifier.base_data_sparsifier.
-        max_chunk_bytes: data larger than this is processed in row chunks (same mask, bounded memory).
+        max_chunk_bytes: where the mask is not computed by a compiled kernel in one piece (the reference backend,
+            layouts the kernel would copy), data larger than this is processed in row chunks (same mask).
     sparsity_level, sparse_block_shape and zeros_per_block are defaults; add_data may override them.
 
     Where torch.ao.pruning crashes (1-D data; (N, 1) data), this class follows the mask contract of

@@ -150,7 +150,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         unsharded = f"{r['unsharded_ms']:.1f}" if "unsharded_ms" in r else ""
         lines.append(f"| {r['malloc']} | {r['rows']:,} | {r['world']} | {r['threads_per_process']} | {r['ms']:.1f} "
-                     f"| {unsharded} | {r['collectives']} | {r['allreduce_bytes_per_rank']:,} | {r['metadata_bytes_per_rank']} |")
+                     f"| {unsharded} | {r['collectives']} | {r['allreduce_bytes_per_rank']:,} "
+                     f"| {r['metadata_bytes_per_rank']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -297,7 +297,7 @@ def run(request, tmp_path_factory):
 
 def _gathered(results: list[dict], key: str, name: str | None = None) -> torch.Tensor:
     parts = [r[key] if name is None else r[key][name] for r in results]
-    return torch.cat([p.reshape(-1, *p.shape[1:]) for p in parts])
+    return torch.cat(parts)
 
 
 def _as_bool(mask: torch.Tensor, shape) -> torch.Tensor:

@@ -364,6 +364,21 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, final_ptr, last_ptr,
 
 
 @triton.jit
+def _four_kept(k0, k1, k2, k3, zeros):
+    """Keep flags of a group of four order keys: a member is dropped when its rank (the members before it: a
+    smaller key, or an equal key and a lower index) is below `zeros`."""
+    # b_ij = before(i, j) for i < j; member j > i is before i when b_ij is 0.
+    b01 = (k0 <= k1).to(tl.int32)
+    b02 = (k0 <= k2).to(tl.int32)
+    b03 = (k0 <= k3).to(tl.int32)
+    b12 = (k1 <= k2).to(tl.int32)
+    b13 = (k1 <= k3).to(tl.int32)
+    b23 = (k2 <= k3).to(tl.int32)
+    return ((3 - b01 - b02 - b03) >= zeros, (b01 + 2 - b12 - b13) >= zeros, (b02 + b12 + 1 - b23) >= zeros,
+            (b03 + b13 + b23) >= zeros)
+
+
+@triton.jit
 def _nm4_mask_kernel(x_ptr, out_ptr, H, W, stride_h, stride_w, zeros_per_block, NORM: tl.constexpr,
                      TILE_R: tl.constexpr, TILE_G: tl.constexpr):
     """Mask of (1, 4) blocks, every block selected, ranked: keep[r, c] for x (H x W, any strides).
@@ -387,17 +402,7 @@ def _nm4_mask_kernel(x_ptr, out_ptr, H, W, stride_h, stride_w, zeros_per_block, 
     even, odd = tl.split(tl.reshape(key, [TILE_R, TILE_G, 2, 2]))  # [.., a, b] = member 2a + b
     k0, k2 = tl.split(even)
     k1, k3 = tl.split(odd)
-    # b_ij = before(i, j) for i < j; member j > i is before i when b_ij is 0.
-    b01 = (k0 <= k1).to(tl.int32)
-    b02 = (k0 <= k2).to(tl.int32)
-    b03 = (k0 <= k3).to(tl.int32)
-    b12 = (k1 <= k2).to(tl.int32)
-    b13 = (k1 <= k3).to(tl.int32)
-    b23 = (k2 <= k3).to(tl.int32)
-    keep0 = (3 - b01 - b02 - b03) >= zeros_per_block
-    keep1 = (b01 + 2 - b12 - b13) >= zeros_per_block
-    keep2 = (b02 + b12 + 1 - b23) >= zeros_per_block
-    keep3 = (b03 + b13 + b23) >= zeros_per_block
+    keep0, keep1, keep2, keep3 = _four_kept(k0, k1, k2, k3, zeros_per_block)
     keep = tl.reshape(tl.join(tl.join(keep0, keep2), tl.join(keep1, keep3)), [TILE_R, TILE_G, 4])
     tl.store(out_ptr + rows * W + cols, keep, mask=valid)
 

@@ -12,7 +12,7 @@ from torch.library import triton_op
 from triton.language.standard import _sum_combine
 
 from ..semi_structured._layout import PAIR_NIBBLES, meta_layout, packed_shapes
-from .kernels import _element_norm, _score_key
+from .kernels import _element_norm, _four_kept, _score_key
 from .ops import NAMESPACE, _check_device, _launchable
 
 _TILE_R = 16  # rows per program: divides every legal row count (multiples of 16 or 32)
@@ -59,17 +59,7 @@ def _sparsify_24_pack_kernel(x_ptr, values_ptr, meta_ptr, H, W, stride_h,
     even_x, odd_x = tl.split(tl.reshape(x, [TILE_R, TILE_G, 2, 2]))
     x0, x2 = tl.split(even_x)
     x1, x3 = tl.split(odd_x)
-    # b_ij = before(i, j) for i < j (member j is before i when b_ij is 0); rank(i) = # members before i
-    b01 = (k0 <= k1).to(tl.int32)
-    b02 = (k0 <= k2).to(tl.int32)
-    b03 = (k0 <= k3).to(tl.int32)
-    b12 = (k1 <= k2).to(tl.int32)
-    b13 = (k1 <= k3).to(tl.int32)
-    b23 = (k2 <= k3).to(tl.int32)
-    keep0 = (3 - b01 - b02 - b03) >= 2
-    keep1 = (b01 + 2 - b12 - b13) >= 2
-    keep2 = (b02 + b12 + 1 - b23) >= 2
-    keep3 = (b03 + b13 + b23) >= 2
+    keep0, keep1, keep2, keep3 = _four_kept(k0, k1, k2, k3, 2)  # 2:4: the two smallest are dropped
     zero = tl.full(x0.shape, 0, x0.dtype)
     m0 = tl.where(keep0, x0, zero)
     m1 = tl.where(keep1, x1, zero)

@@ -85,7 +85,7 @@ def run(device: str, sizes: list[int], dtype_name: str, budget_s: float, out: st
         calls = []
         for backend in BACKENDS[device]:
             if _backend_usable(backend, device, dtype):
-                def call(backend=backend):
+                def call(backend=backend, x=x):
                     with sparsity_ext.use_backend(backend):
                         return ops.sparsify_24_pack(x)
                 calls.append((f"sparsify_24_pack [{backend}]", call))

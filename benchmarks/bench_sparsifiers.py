@@ -217,7 +217,7 @@ def main() -> int:
                 row["x_over_floor"] = res["ms"] / floor_ms
             rows.append(row)
 
-    header = f"| case | impl | ms | speedup vs torch.ao | x over floor | peak extra MiB |\n|---|---|---:|---:|---:|---:|"
+    header = "| case | impl | ms | speedup vs torch.ao | x over floor | peak extra MiB |\n|---|---|---:|---:|---:|---:|"
     lines = [header]
     for r in rows:
         if "ms" in r:

@@ -28,7 +28,7 @@ import torch
 
 from .. import _backend, ops, reference
 
-__all__ = ["block_norm_mask_chunked", "masks_by_rows", "packed_ones", "score_chunk", "select_blocks", "chunk_keep",
+__all__ = ["block_norm_mask_chunked", "masks_by_rows", "packed_ones", "rows_per_chunk", "score_chunk", "select_blocks", "chunk_keep",
            "DEFAULT_MAX_CHUNK_BYTES"]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 << 20  # table bytes processed at once
@@ -42,7 +42,7 @@ def packed_ones(numel: int, device) -> torch.Tensor:
     return bits
 
 
-def _rows_per_chunk(shape: tuple[int, int], block_rows: int, itemsize: int, max_chunk_bytes: int,
+def rows_per_chunk(shape: tuple[int, int], block_rows: int, itemsize: int, max_chunk_bytes: int,
                     packed: bool) -> int:
     """Rows per chunk: a multiple of the block height (chunks hold whole blocks) and, for packed masks, of
     what makes a chunk's elements a whole number of bytes; at least one such unit, however small the budget."""
@@ -140,7 +140,7 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
     else:
         mask = torch.empty((height, width), dtype=torch.bool, device=data.device)
 
-    chunk_rows = _rows_per_chunk((height, width), block[0], table.element_size(), max_chunk_bytes, packed)
+    chunk_rows = rows_per_chunk((height, width), block[0], table.element_size(), max_chunk_bytes, packed)
 
     def write(start: int, stop: int, keep: torch.Tensor) -> None:
         if packed:

@@ -17,7 +17,6 @@ is left waiting in a collective: see _select.Exchange.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..data_sparsifier._chunked import (DEFAULT_MAX_CHUNK_BYTES, chunk_keep, packed_ones, score_chunk)
+from ..data_sparsifier._chunked import (DEFAULT_MAX_CHUNK_BYTES, chunk_keep, packed_ones, rows_per_chunk,
+                                        score_chunk)
 from ..data_sparsifier.data_norm_sparsifier import DataNormSparsifier, data_norm_level
 from ..reference import num_selected_blocks, score_dtype
 from ._select import Exchange, PeerFailure, distributed_select, order_keys
@@ -133,14 +133,6 @@ def _gather_plans(group, names: list, shards: list[dict] | None, error: str | No
 
 
 # ------------------------------------------------------------------------------------- masks
-def _chunk_rows(width: int, block_rows: int, itemsize: int, max_chunk_bytes: int, packed: bool) -> int:
-    """Rows per chunk: whole block rows and, for packed masks, whole bytes of mask per chunk."""
-    unit = block_rows
-    if packed and width % 8:
-        unit = math.lcm(unit, 8 // math.gcd(width, 8))
-    return max(unit, max_chunk_bytes // max(1, width * itemsize) // unit * unit)
-
-
 def _all_keep(local: torch.Tensor, packed: bool) -> torch.Tensor:
     if packed:
         return packed_ones(local.numel(), local.device)
@@ -155,7 +147,7 @@ def _local_keep(local: torch.Tensor, plan: _ShardPlan, exchange: Exchange, packe
         return _all_keep(local, packed)
     bh, bw = plan.block
     block_cols = -(-width // bw)
-    step = _chunk_rows(width, bh, local.element_size(), max_chunk_bytes, packed)
+    step = rows_per_chunk((local.shape[0], width), bh, local.element_size(), max_chunk_bytes, packed)
     starts = range(0, rows, step)
 
     selected = None  # None: every block is selected

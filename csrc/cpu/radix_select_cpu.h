@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/mask_math.h"
@@ -77,16 +78,26 @@ ChunkHistograms gather_and_count(const Chunking& chunks, const KeyAt& key_at, co
   ChunkHistograms hists(chunks.count);
   std::vector<int64_t> offset(chunks.count + 1, 0);
   for (int64_t c = 0; c < chunks.count; ++c) offset[c + 1] = offset[c] + first_pass.of(c)[digit];
+  // Branch-free: whether a key survives is close to random, so each key is staged unconditionally and the
+  // stage cursor advances by the match; the stage (cache-resident) is flushed to `out` every kStage keys.
+  constexpr int64_t kStage = 1024;
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    uint32_t stage[kStage];
     for (int64_t c = c0; c < c1; ++c) {
       uint32_t* dst = out + offset[c];
       int64_t* hist = hists.of(c);
-      for (int64_t i = chunks.begin(c), end = chunks.end(c); i < end; ++i) {
-        const uint32_t key = key_at(i);
-        if (radix_digit(key, 0) == digit) {
-          *dst++ = key;
-          ++hist[radix_digit(key, 1)];
+      for (int64_t begin = chunks.begin(c), end = chunks.end(c); begin < end; begin += kStage) {
+        const int64_t stop = std::min(end, begin + kStage);
+        int64_t staged = 0;
+        for (int64_t i = begin; i < stop; ++i) {
+          const uint32_t key = key_at(i);
+          const int64_t match = radix_digit(key, 0) == digit;
+          stage[staged] = key;
+          staged += match;
+          hist[radix_digit(key, 1)] += match;
         }
+        std::memcpy(dst, stage, staged * sizeof(uint32_t));
+        dst += staged;
       }
     }
   });

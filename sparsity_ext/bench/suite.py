@@ -41,6 +41,9 @@ def backends_for(case: Case, device: str) -> tuple[list[str], dict[str, str]]:
     for name in _backend.BACKENDS:
         if name not in registered or device not in registered[name].devices:
             continue
+        if name == "triton" and device == "cpu":  # only under TRITON_INTERPRET: a test mode, not worth timing
+            reasons[name] = "the triton interpreter (TRITON_INTERPRET=1) is not timed"
+            continue
         with _backend.use_backend(name):
             try:
                 _backend.resolve(case.op, torch.device(device), case.dtype)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace sparsity_ext {
 namespace {
@@ -45,20 +46,46 @@ at::Tensor unpack_mask_cpu(const at::Tensor& packed, at::IntArrayRef shape) {
   return mask;
 }
 
+// Keep bits of the 8 elements starting at element 8 * group: one byte of a packed mask, or 8 bools.
+inline unsigned keep_bits(const bool* keep, int64_t group) {
+  uint64_t word;
+  std::memcpy(&word, keep + 8 * group, 8);
+  return static_cast<unsigned>((word * 0x0102040810204080ull) >> 56);
+}
+
+// Zeroes data[i] where element i's keep bit is 0, 8 elements at a time: a group whose 8 elements are all
+// dropped is written without being read, one that keeps all of them is not touched, and a mixed group takes
+// branch-free selects. (Masks look random to a branch predictor per element; per group of 8, with block-
+// structured masks, the three cases are far more regular.)
+template <typename scalar_t, class GroupBits>
+void zero_dropped_groups(scalar_t* data, int64_t numel, const GroupBits& group_bits, const bool* keep,
+                         const uint8_t* bits) {
+  const int64_t full_groups = numel / 8;
+  at::parallel_for(0, full_groups, kGrain / 8, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const unsigned byte = group_bits(g);
+      scalar_t* x = data + 8 * g;
+      if (byte == 0) {
+        for (int i = 0; i < 8; ++i) x[i] = scalar_t(0);
+      } else if (byte != 0xFF) {
+        for (int i = 0; i < 8; ++i) x[i] = ((byte >> i) & 1) ? x[i] : scalar_t(0);
+      }
+    }
+  });
+  for (int64_t i = 8 * full_groups; i < numel; ++i) {  // the last partial group
+    const bool kept = keep ? keep[i] : (bits[i >> 3] >> (i & 7)) & 1;
+    data[i] = kept ? data[i] : scalar_t(0);
+  }
+}
+
 template <typename scalar_t>
 void apply_mask_kernel(scalar_t* data, const at::Tensor& mask, int64_t numel) {
   if (mask.scalar_type() == at::kBool) {
     const bool* keep = mask.data_ptr<bool>();
-    // Branch-free selects (masks look random to a branch predictor): every element is rewritten, and the
-    // loops vectorize.
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) data[i] = keep[i] ? data[i] : scalar_t(0);
-    });
+    zero_dropped_groups(data, numel, [keep](int64_t g) { return keep_bits(keep, g); }, keep, nullptr);
   } else {
     const uint8_t* bits = mask.data_ptr<uint8_t>();
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) data[i] = ((bits[i >> 3] >> (i & 7)) & 1) ? data[i] : scalar_t(0);
-    });
+    zero_dropped_groups(data, numel, [bits](int64_t g) { return static_cast<unsigned>(bits[g]); }, nullptr, bits);
   }
 }
 

@@ -1,5 +1,6 @@
 // CUDA kernels of the mask-format ops (pack_mask, unpack_mask, apply_mask_), free of torch headers;
-// launched by mask_ops_cuda.cu. Each thread owns 32 flags = one 32-bit word of packed bits.
+// launched by mask_ops_cuda.cu. pack/unpack: each thread owns 32 flags = one 32-bit word of packed bits;
+// apply_mask_: one element per thread.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -57,19 +58,17 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const uint8_t* packed,
   }
 }
 
-// data[i] = 0 where the mask (bool, or packed bits) is 0; contiguous data, one thread per 32 elements.
+// data[i] = 0 where the mask (bool, or packed bits) is 0; contiguous data. One element per thread and
+// grid-stride step, so a warp's accesses are consecutive (coalesced); kept elements are neither read nor
+// written. (One thread per 32 consecutive elements put a warp's 32 accesses 32 elements apart: 6.5x the
+// floor on an H100.)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     apply_mask_kernel(T* data, int64_t numel, const bool* mask, const uint8_t* packed) {
-  const int64_t num_words = (numel + 31) / 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < num_words; w += stride) {
-    const int64_t e0 = w * 32;
-    const int count = numel - e0 < 32 ? static_cast<int>(numel - e0) : 32;
-    for (int i = 0; i < count; ++i) {
-      const bool keep = packed != nullptr ? (packed[(e0 + i) / 8] >> ((e0 + i) % 8)) & 1u : mask[e0 + i];
-      if (!keep) data[e0 + i] = T{};
-    }
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
+    const bool keep = packed != nullptr ? (packed[e >> 3] >> (e & 7)) & 1u : mask[e];
+    if (!keep) data[e] = T{};
   }
 }
 

@@ -338,13 +338,26 @@ for _op, _reference in _REFERENCES.items():
         )
 
 
+def mask_of_selected_blocks(data: torch.Tensor, selected: torch.Tensor | None, block_shape, zeros_per_block: int,
+                            norm) -> torch.Tensor:
+    """bool keep flags of 2-D data given which of its blocks are selected (row-major over its blocks; None: all):
+    the zeros_per_block smallest elements of each selected block are dropped, ranked by block_norm_mask at
+    level 1 on the backend in force (the whole block when zeros_per_block is its size)."""
+    rows, width = data.shape
+    if zeros_per_block == block_shape[0] * block_shape[1]:
+        keep = torch.zeros((rows, width), dtype=torch.bool, device=data.device)
+    else:
+        keep = block_norm_mask(data, 1.0, block_shape, zeros_per_block, norm)
+    if selected is not None:
+        keep |= ~reference.expand_block_flags(selected, (rows, width), tuple(block_shape))
+    return keep
+
+
 def select_on_level_one_mask(data, scores, threshold, ties, block_shape, zeros_per_block, norm, packed=False):
-    """block_norm_mask_select for GPU backends that have a block_norm_mask kernel but none of their own for it:
-    block_norm_mask at level 1 ranks inside every block on that kernel, and the blocks the threshold leaves
-    unselected are kept."""
-    keep = block_norm_mask(data, 1.0, block_shape, zeros_per_block, norm)
-    keep |= ~reference.expand_block_flags(reference.blocks_at_threshold(scores, threshold, ties), tuple(data.shape),
-                                          tuple(block_shape))
+    """block_norm_mask_select for GPU backends that have a block_norm_mask kernel but none of their own for it
+    (see mask_of_selected_blocks)."""
+    keep = mask_of_selected_blocks(data, reference.blocks_at_threshold(scores, threshold, ties), block_shape,
+                                   zeros_per_block, norm)
     return pack_mask(keep) if packed else keep
 
 

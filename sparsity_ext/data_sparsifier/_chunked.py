@@ -28,7 +28,7 @@ import torch
 
 from .. import _backend, ops, reference
 
-__all__ = ["block_norm_mask_chunked", "masks_by_rows", "packed_ones", "rows_per_chunk", "score_chunk", "select_blocks", "chunk_keep",
+__all__ = ["block_norm_mask_chunked", "masks_by_rows", "packed_ones", "rows_per_chunk", "score_chunk", "chunk_keep",
            "DEFAULT_MAX_CHUNK_BYTES"]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 << 20  # table bytes processed at once
@@ -43,7 +43,7 @@ def packed_ones(numel: int, device) -> torch.Tensor:
 
 
 def rows_per_chunk(shape: tuple[int, int], block_rows: int, itemsize: int, max_chunk_bytes: int,
-                    packed: bool) -> int:
+                   packed: bool) -> int:
     """Rows per chunk: a multiple of the block height (chunks hold whole blocks) and, for packed masks, of
     what makes a chunk's elements a whole number of bytes; at least one such unit, however small the budget."""
     height, width = shape
@@ -60,30 +60,11 @@ def score_chunk(chunk: torch.Tensor, block_shape: tuple[int, int], norm_code: in
     return ops.block_scores(chunk, block_shape, norm_code)
 
 
-def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """bool per block: the k smallest scores, NaN largest, ties by lower index (ops.select_threshold's rule)."""
-    threshold, tie_rank = ops.select_threshold(scores, k)
-    if torch.isnan(threshold):
-        selected, equal = ~torch.isnan(scores), torch.isnan(scores)
-    else:
-        selected, equal = scores < threshold, scores == threshold
-    selected[equal.nonzero().flatten()[:int(tie_rank)]] = True
-    return selected
-
-
 def chunk_keep(chunk: torch.Tensor, selected: torch.Tensor | None, block_shape: tuple[int, int],
                zeros_per_block: int, norm_code: int) -> torch.Tensor:
     """Keep flags (bool, chunk's shape) of a 2-D chunk whose first row starts a block row, given which of its
-    blocks are selected (row-major over the chunk's blocks; None: all): the zeros_per_block smallest elements
-    of each selected block are dropped, as ops.block_norm_mask ranks them."""
-    rows, width = chunk.shape
-    if zeros_per_block == block_shape[0] * block_shape[1]:
-        keep = torch.zeros((rows, width), dtype=torch.bool, device=chunk.device)
-    else:
-        keep = ops.block_norm_mask(chunk, 1.0, block_shape, zeros_per_block, norm_code)
-    if selected is not None:
-        keep |= ~reference.expand_block_flags(selected, (rows, width), block_shape)
-    return keep
+    blocks are selected (row-major over the chunk's blocks; None: all): ops.mask_of_selected_blocks."""
+    return ops.mask_of_selected_blocks(chunk, selected, block_shape, zeros_per_block, norm_code)
 
 
 def _one_shot_preferred(table: torch.Tensor, max_chunk_bytes: int) -> bool:

@@ -10,7 +10,10 @@ state_dict, squash_mask.
 The patched method gives the mask torch.ao.pruning would: same values (on tie-free data: tie choices of
 torch.topk / torch.sort are unspecified), stored the way torch.ao.pruning stores it, by rebinding the
 live mask tensor's `.data` (so the FakeSparsity parametrization and the sparsifier's state, which hold
-that tensor, see the new mask) with torch.ao.pruning's dtype and device:
+that tensor, see the new mask) with torch.ao.pruning's dtype and device. (WeightNormSparsifier, when the
+weight is just FakeSparsity's mask * original and the mask already has the dtype below: the new values are
+written into the mask in place by ops.block_norm_mask_update_, which scores the masked weight without
+materializing it.) The dtypes:
   WeightNormSparsifier: default-dtype float when whole blocks are zeroed, bool when zeros_per_block is
     smaller than the block (torch.ao.pruning's logical_or);
   DataNormSparsifier: int8;
@@ -40,7 +43,7 @@ import numbers
 
 import torch
 
-from . import ops
+from . import _backend, ops
 from .data_sparsifier._chunked import block_norm_mask_chunked
 from .data_sparsifier.data_norm_sparsifier import data_norm_level
 
@@ -96,6 +99,7 @@ def _weight_norm_codes(ao_class: type) -> dict:
 
 
 def _weight_norm_update_mask(ao_class: type, original):
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity as ao_fake_sparsity  # torch.ao is there: we patch it
     norm_codes = _weight_norm_codes(ao_class)
     hooks = ("_make_tensor_mask", "_make_block_mask", "_scatter_fold_block_mask")
 
@@ -114,11 +118,22 @@ def _weight_norm_update_mask(ao_class: type, original):
         block_size = block[0] * block[1]
         if level <= 0 or zeros == 0 or (level >= 1 and zeros == block_size):
             return fallback()  # all kept / all zeroed: no scoring to accelerate
+        parametrizations = getattr(module.parametrizations, tensor_name)
+        mask, unmasked = parametrizations[0].mask, parametrizations.original
+        # torch.ao.pruning's mask dtype after this step: its logical_or's bool, or its float tensor mask
+        mask_dtype = torch.bool if zeros < block_size else torch.get_default_dtype()
+        if (len(parametrizations) == 1 and type(parametrizations[0]) is ao_fake_sparsity
+                and mask.dtype == mask_dtype and unmasked.dtype == torch.float32 and unmasked.dim() == 2
+                and _whole_blocks_or_no_partial(unmasked.shape, block, zeros)
+                and _backend.resolve("block_norm_mask_update_", unmasked.device, unmasked.dtype)[0] != "reference"):
+            # The weight is mask * original and the mask already has the dtype the step gives it: the new mask
+            # is written over it in place, the masked weight scored without being materialized.
+            ops.block_norm_mask_update_(unmasked.detach(), mask.data, min(level, 1.0), block, zeros, norm)
+            return
         weight = getattr(module, tensor_name)
         if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.dim() == 2
                 and _whole_blocks_or_no_partial(weight.shape, block, zeros)):
             return fallback()
-        mask = getattr(module.parametrizations, tensor_name)[0].mask
         # torch.ao.pruning: a level >= 1 (with zeros < block size) selects every block.
         keep = ops.block_norm_mask(weight.detach(), min(level, 1.0), block, zeros, norm)
         # Whole blocks: torch.ao.pruning's float tensor mask; partial: its logical_or, a bool mask.

@@ -29,15 +29,18 @@ def _unpatched_after_each_test():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the calls the accelerated methods make into sparsity_ext's mask kernels."""
-    calls = {"weight_norm": 0, "data_norm": 0}
+    calls = {"weight_norm": 0, "data_norm": 0, "weight_norm_in_place": 0}
 
-    def spy(key, fn):
+    def spy(key, fn, *also):
         def counted(*args, **kwargs):
-            calls[key] += 1
+            for name in (key, *also):
+                calls[name] += 1
             return fn(*args, **kwargs)
         return counted
 
     monkeypatch.setattr(accelerate.ops, "block_norm_mask", spy("weight_norm", accelerate.ops.block_norm_mask))
+    monkeypatch.setattr(accelerate.ops, "block_norm_mask_update_",
+                        spy("weight_norm", accelerate.ops.block_norm_mask_update_, "weight_norm_in_place"))
     monkeypatch.setattr(accelerate, "block_norm_mask_chunked",
                         spy("data_norm", accelerate.block_norm_mask_chunked))
     return calls
@@ -126,6 +129,8 @@ def test_weight_norm_same_masks_weights_and_state(args, kernel_calls):
     assert_same_snapshots(expected[0], got[0])
     assert got[1] == expected[1]
     assert kernel_calls["weight_norm"] == 3 * len(shapes)
+    # from the second step at the latest the mask has the dtype the step gives it: updated in place
+    assert kernel_calls["weight_norm_in_place"] >= 2 * len(shapes)
 
 
 def test_weight_norm_with_scheduler_and_config_overrides(kernel_calls):

@@ -55,6 +55,14 @@ def _check_block_shape(block_shape, op: str) -> tuple[int, int]:
     return (_check_int("block_shape[0]", block_shape[0], op, 1), _check_int("block_shape[1]", block_shape[1], op, 1))
 
 
+def _check_zeros(zeros_per_block, block_shape: tuple[int, int], op: str) -> int:
+    """zeros_per_block in [0, block size]; None is the whole block."""
+    block_size = block_shape[0] * block_shape[1]
+    if zeros_per_block is None:
+        return block_size
+    return _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+
+
 def _check_level(sparsity_level, op: str) -> float:
     if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, numbers.Real):
         raise TypeError(f"{op}: sparsity_level must be a number, got {sparsity_level!r}")
@@ -87,8 +95,7 @@ def _block_mask(op: str, data, sparsity_level, block_shape, zeros_per_block, nor
     _check_float_data(data, op)
     level = _check_level(sparsity_level, op)
     bshape = _check_block_shape(block_shape, op)
-    block_size = bshape[0] * bshape[1]
-    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    zeros = _check_zeros(zeros_per_block, bshape, op)
     mask = _run(op, data, _as_2d(data), level, bshape, zeros, parse_norm(norm), bool(packed))
     return mask if packed else mask.view(data.shape)
 
@@ -140,8 +147,7 @@ def block_norm_mask_update_(data: torch.Tensor, mask: torch.Tensor, sparsity_lev
     _check_tensor("mask", mask, op)
     level = _check_level(sparsity_level, op)
     bshape = _check_block_shape(block_shape, op)
-    block_size = bshape[0] * bshape[1]
-    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    zeros = _check_zeros(zeros_per_block, bshape, op)
     if mask.device != data.device:
         raise ValueError(f"{op}: mask is on {mask.device} but data is on {data.device}")
     if mask.shape != data.shape:
@@ -194,8 +200,7 @@ def block_norm_mask_select(data: torch.Tensor, scores: torch.Tensor, threshold: 
     _check_float_data(data, op)
     _check_tensor("scores", scores, op)
     bshape = _check_block_shape(block_shape, op)
-    block_size = bshape[0] * bshape[1]
-    zeros = block_size if zeros_per_block is None else _check_int("zeros_per_block", zeros_per_block, op, 0, block_size)
+    zeros = _check_zeros(zeros_per_block, bshape, op)
     matrix = _as_2d(data)
     num_blocks = -(-matrix.shape[0] // bshape[0]) * -(-matrix.shape[1] // bshape[1])
     if scores.device != data.device:

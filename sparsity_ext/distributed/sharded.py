@@ -238,8 +238,7 @@ def sharded_block_norm_mask(local_shard: torch.Tensor, sparsity_level: float, bl
         ops._check_float_data(local, where, dims=(2,))
         level = ops._check_level(sparsity_level, where)
         block = ops._check_block_shape(block_shape, where)
-        size = block[0] * block[1]
-        zeros = size if zeros_per_block is None else ops._check_int("zeros_per_block", zeros_per_block, where, 0, size)
+        zeros = ops._check_zeros(zeros_per_block, block, where)
         budget = ops._check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
         shard = _describe(local, level, block, zeros, ops.parse_norm(norm))
     except Exception as exc:  # noqa: BLE001 -- reported to every rank by the gather below

@@ -436,6 +436,7 @@ void selected_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, const floa
   uint32_t* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   const uint32_t threshold_key = order_key(threshold);
   const cpu::Chunking chunks = cpu::make_chunking(num_blocks, kScoreGrain);
+  // the keys, and equal_per_chunk's counts in the same pass (index_of_tied takes them)
   std::vector<int64_t> equal(chunks.count, 0);
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -447,6 +448,7 @@ void selected_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, const floa
       equal[c] = count;
     }
   });
+  const auto key_at = [key_data](int64_t i) { return key_data[i]; };
   int64_t num_equal = 0;
   for (const int64_t count : equal) num_equal += count;
   plan.keys = key_data;
@@ -454,7 +456,7 @@ void selected_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, const floa
   if (ties == 0) {
     plan.last_tied_block = -1;
   } else if (ties < num_equal) {
-    plan.last_tied_block = cpu::index_of_tied(chunks, [key_data](int64_t i) { return key_data[i]; }, threshold_key, ties);
+    plan.last_tied_block = cpu::index_of_tied(chunks, key_at, threshold_key, ties, equal);
   }
   const at::Tensor cuts = mode == ZeroMode::kCut ? per_block_buffer(mask, num_blocks, at::kLong) : at::Tensor();
   if (cuts.defined()) {

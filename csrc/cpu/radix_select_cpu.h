@@ -130,9 +130,9 @@ RadixState radix_select(const Chunking& chunks, const KeyAt& key_at, int64_t k, 
   return state;
 }
 
-// Index of the rank-th (1-based) i with key_at(i) == key, in index order.
+// How many i of each chunk have key_at(i) == key.
 template <class KeyAt>
-int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key, int64_t rank) {
+std::vector<int64_t> equal_per_chunk(const Chunking& chunks, const KeyAt& key_at, uint32_t key) {
   std::vector<int64_t> equal(chunks.count, 0);
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -141,6 +141,13 @@ int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key,
       equal[c] = count;
     }
   });
+  return equal;
+}
+
+// Index of the rank-th (1-based) i with key_at(i) == key, in index order, given equal_per_chunk's counts.
+template <class KeyAt>
+int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key, int64_t rank,
+                      const std::vector<int64_t>& equal) {
   for (int64_t c = 0; c < chunks.count; ++c) {
     if (rank > equal[c]) {
       rank -= equal[c];
@@ -152,6 +159,11 @@ int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key,
   }
   TORCH_INTERNAL_ASSERT(false, "index_of_tied: fewer keys equal to the threshold than its tie rank");
   return -1;
+}
+
+template <class KeyAt>
+int64_t index_of_tied(const Chunking& chunks, const KeyAt& key_at, uint32_t key, int64_t rank) {
+  return index_of_tied(chunks, key_at, key, rank, equal_per_chunk(chunks, key_at, key));
 }
 
 }  // namespace cpu

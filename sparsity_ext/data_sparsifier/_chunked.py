@@ -22,13 +22,12 @@ above are faster than it on any size, so on the reference backend every table ta
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from .. import _backend, ops, reference
 
-__all__ = ["block_norm_mask_chunked", "masks_by_rows", "packed_ones", "rows_per_chunk", "score_chunk", "chunk_keep",
+__all__ = ["block_norm_mask_chunked", "packed_ones", "rows_per_chunk", "score_chunk", "chunk_keep",
            "DEFAULT_MAX_CHUNK_BYTES"]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 << 20  # table bytes processed at once
@@ -97,9 +96,7 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
     ops._check_float_data(data, where)
     level = ops._check_level(sparsity_level, where)
     block = ops._check_block_shape(block_shape, where)
-    block_size = block[0] * block[1]
-    zeros = block_size if zeros_per_block is None else ops._check_int("zeros_per_block", zeros_per_block,
-                                                                        where, 0, block_size)
+    zeros = ops._check_zeros(zeros_per_block, block, where)
     norm_code = ops.parse_norm(norm)
     max_chunk_bytes = ops._check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
 
@@ -123,62 +120,36 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
 
     chunk_rows = rows_per_chunk((height, width), block[0], table.element_size(), max_chunk_bytes, packed)
 
-    def write(start: int, stop: int, keep: torch.Tensor) -> None:
-        if packed:
-            mask[start * width // 8:start * width // 8 + keep.numel()] = keep
-        else:
-            mask[start:stop] = keep
-        if apply:
-            ops.apply_mask_(table[start:stop], keep)
-
-    masks_by_rows(lambda start, stop: table[start:stop], (height, width), k, block, zeros, norm_code, chunk_rows,
-                  write, packed=packed)
-    return mask if packed else mask.view(data.shape)
-
-
-def masks_by_rows(read_rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int], k: int,
-                  block_shape: tuple[int, int], zeros_per_block: int, norm_code: int, chunk_rows: int,
-                  write_rows: Callable[[int, int, torch.Tensor], None], *, packed: bool = False) -> None:
-    """The block-norm mask that selects the k smallest blocks of a matrix (0 < k), row chunk by row chunk:
-    the three steps of the module docstring.
-
-    Args:
-        read_rows: (start, stop) -> the matrix's rows [start, stop) (2-D, scored as they are); called once or
-            twice per chunk (scoring, mask), so it may compute them instead of slicing.
-        shape: (rows, cols) of the matrix; chunk_rows: rows per chunk, a multiple of the block height.
-        write_rows: (start, stop, keep) -> consumes the mask of rows [start, stop) (bool, or its packed bits
-            with packed=True, then the chunks' rows * cols must be multiples of 8).
-    """
-    (height, width), block = shape, block_shape
-    block_cols = -(-width // block[1])
-    num_blocks = -(-height // block[0]) * block_cols
-
-    def chunks(rows_per_chunk: int):
+    def chunks():
         """(rows [start, stop), that chunk's slice of the blocks) of each chunk, in order."""
-        for start in range(0, height, rows_per_chunk):
-            stop = min(start + rows_per_chunk, height)
+        for start in range(0, height, chunk_rows):
+            stop = min(start + chunk_rows, height)
             first = start // block[0] * block_cols
             yield start, stop, slice(first, first + -(-(stop - start) // block[0]) * block_cols)
 
     scores = None  # None: every block is selected (k == num_blocks), no scores needed
     if k < num_blocks:
-        for start, stop, blocks in chunks(chunk_rows):
-            chunk_scores = score_chunk(read_rows(start, stop), block, norm_code)
-            if scores is None:
-                scores = chunk_scores.new_empty(num_blocks)
-            scores[blocks] = chunk_scores
+        scores = torch.empty(num_blocks, dtype=reference.score_dtype(data.dtype), device=data.device)
+        for start, stop, blocks in chunks():
+            scores[blocks] = score_chunk(table[start:stop], block, norm_code)
         threshold, tie_rank = (t.item() for t in ops.select_threshold(scores, k))
         ties_left = tie_rank  # ties at the threshold still to select, lowest block index first
 
-    for start, stop, blocks in chunks(chunk_rows):
-        chunk = read_rows(start, stop)
+    for start, stop, blocks in chunks():
+        chunk = table[start:stop]
         if scores is None:
-            keep = ops.block_norm_mask(chunk, 1.0, block, zeros_per_block, norm_code, packed=packed)
+            keep = ops.block_norm_mask(chunk, 1.0, block, zeros, norm_code, packed=packed)
         else:
             chunk_scores = scores[blocks]
-            keep = ops.block_norm_mask_select(chunk, chunk_scores, threshold, ties_left, block, zeros_per_block,
-                                              norm_code, packed=packed)
+            keep = ops.block_norm_mask_select(chunk, chunk_scores, threshold, ties_left, block, zeros, norm_code,
+                                              packed=packed)
             if ties_left and stop < height:  # later chunks get the ties this one did not take
                 at_threshold = chunk_scores.isnan() if math.isnan(threshold) else chunk_scores == threshold
                 ties_left = max(0, ties_left - int(at_threshold.sum()))
-        write_rows(start, stop, keep)
+        if apply:
+            ops.apply_mask_(chunk, keep)
+        if packed:
+            mask[start * width // 8:start * width // 8 + keep.numel()] = keep
+        else:
+            mask[start:stop] = keep
+    return mask if packed else mask.view(data.shape)

@@ -278,6 +278,46 @@ def test_ties_at_the_threshold_go_to_lower_block_indices(backend, device, shape,
     assert torch.equal(got_partial, reference.block_norm_mask(data, level, block, 1, 1, packed=True))
 
 
+# Tables of >= 2^18 one-row blocks of 4 or 8 columns (each table below, for both widths) take the CPU
+# kernel's one-pass band selection (a sampled band around the threshold, its blocks ranked after the pass);
+# where the band misses the threshold or overflows with ties ("zero_rows"), the keyed pipeline runs instead.
+# Both must give the reference's mask.
+BAND_TABLES = {
+    "tie_free": lambda: tie_free((36_000, 64), torch.float32, "cpu", 11),
+    # rows in increasing norm: the sampled runs see a skewed table
+    "sorted_rows": lambda: (lambda x: x[x.abs().sum(1).argsort()])(tie_free((36_000, 64), torch.float32, "cpu", 12)),
+    # half the rows zero: ties at or next to the threshold, whose band would hold half the blocks
+    "zero_rows": lambda: tie_free((36_000, 64), torch.float32, "cpu", 13).index_fill_(0, torch.arange(0, 36_000, 2), 0.0),
+    "row_stride": lambda: _layout(tie_free((24_000, 96), torch.float32, "cpu", 14), "column_slice"),
+    "bf16": lambda: tie_free((36_000, 72), torch.bfloat16, "cpu", 15),
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("table", sorted(BAND_TABLES))
+@pytest.mark.parametrize("block,zeros,level,norm,packed", [
+    ((1, 4), 4, 0.8, 1, True), ((1, 4), 4, 0.5, 2, False), ((1, 4), 2, 0.5, 1, True), ((1, 8), 8, 0.3, 2, True),
+    ((1, 8), 5, 0.9, 1, False), ((1, 4), 4, 0.001, 1, False), ((1, 4), 4, 0.999, 2, True)], ids=str)
+def test_large_one_row_blocks_match_reference(backend, device, table, block, zeros, level, norm, packed):
+    _require(backend, device)
+    data = BAND_TABLES[table]().to(device)
+    with sparsity_ext.use_backend(backend):
+        got = ops.block_norm_mask(data, level, block, zeros, norm, packed)
+    assert torch.equal(got, reference.block_norm_mask(data, level, block, zeros, norm, packed))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_large_apply_matches_reference(backend, device, packed):
+    _require(backend, device)
+    data = tie_free((20_000, 64), torch.float32, device, 16)
+    expected = data.clone()
+    expected_mask = reference.block_norm_mask_apply_(expected, 0.7, (1, 4), 3, 1, packed)
+    with sparsity_ext.use_backend(backend):
+        mask = ops.block_norm_mask_apply_(data, 0.7, (1, 4), 3, 1, packed)
+    assert torch.equal(mask, expected_mask) and torch.equal(data, expected)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ten_million_elements(backend, device):

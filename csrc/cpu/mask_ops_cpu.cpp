@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace sparsity_ext {
 namespace {
@@ -53,23 +54,36 @@ inline unsigned keep_bits(const bool* keep, int64_t group) {
   return static_cast<unsigned>((word * 0x0102040810204080ull) >> 56);
 }
 
-// Zeroes data[i] where element i's keep bit is 0, 8 elements at a time: a group whose 8 elements are all
-// dropped is written without being read, one that keeps all of them is not touched, and a mixed group takes
-// branch-free selects. (Masks look random to a branch predictor per element; per group of 8, with block-
-// structured masks, the three cases are far more regular.)
+// Lane masks of the 8 keep bits of a byte: entry b, lane i is all ones where bit i of b is set.
+template <typename Word>
+struct LaneMasks {
+  Word lanes[256][8];
+  LaneMasks() {
+    for (unsigned b = 0; b < 256; ++b) {
+      for (int i = 0; i < 8; ++i) lanes[b][i] = static_cast<Word>(Word{0} - static_cast<Word>((b >> i) & 1u));
+    }
+  }
+};
+
+// Zeroes data[i] where element i's keep bit is 0, 8 elements at a time, branch-free: the elements' bits are
+// ANDed with the lane masks of their keep byte (a loop the compiler vectorizes). Masks look random to a
+// branch predictor, and a store to part of a cache line reads the line anyway, so branching on all-dropped
+// or all-kept groups saves no memory traffic.
 template <typename scalar_t, class GroupBits>
 void zero_dropped_groups(scalar_t* data, int64_t numel, const GroupBits& group_bits, const bool* keep,
                          const uint8_t* bits) {
+  using Word = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                  std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Word) == sizeof(scalar_t), "apply_mask_: unsupported element size");
+  static const LaneMasks<Word> masks;
   const int64_t full_groups = numel / 8;
   at::parallel_for(0, full_groups, kGrain / 8, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      const unsigned byte = group_bits(g);
-      scalar_t* x = data + 8 * g;
-      if (byte == 0) {
-        for (int i = 0; i < 8; ++i) x[i] = scalar_t(0);
-      } else if (byte != 0xFF) {
-        for (int i = 0; i < 8; ++i) x[i] = ((byte >> i) & 1) ? x[i] : scalar_t(0);
-      }
+      const Word* lanes = masks.lanes[group_bits(g)];
+      Word words[8];
+      std::memcpy(words, data + 8 * g, sizeof(words));
+      for (int i = 0; i < 8; ++i) words[i] &= lanes[i];
+      std::memcpy(data + 8 * g, words, sizeof(words));
     }
   });
   for (int64_t i = 8 * full_groups; i < numel; ++i) {  // the last partial group

@@ -38,6 +38,10 @@ TORCH_LIBRARY(sparsity_ext, m) {
   // (bool, float32 or data's dtype; 1 keep, 0 drop), without materializing mask * data.
   m.def("block_norm_mask_update_(Tensor data, Tensor(a!) mask, float sparsity_level, int[] block_shape, "
         "int zeros_per_block, int norm) -> ()");
+  // block_norm_mask written into a given mask instead of a new one: bool of data's shape, or packed
+  // uint8 bits (1-D, ceil(numel/8) bytes), contiguous. Reuses a mask's memory across steps.
+  m.def("block_norm_mask_into_(Tensor data, Tensor(a!) mask, float sparsity_level, int[] block_shape, "
+        "int zeros_per_block, int norm) -> ()");
   // k-th smallest (1-based) of a 1-D float tensor, NaN largest; returns (value, tie_rank): the k
   // smallest are every x < value plus the first tie_rank elements equal to value, by index.
   m.def("select_threshold(Tensor values, int k) -> (Tensor, Tensor)");

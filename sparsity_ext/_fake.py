@@ -31,6 +31,11 @@ def _block_norm_mask_select_fake(data, scores, threshold, ties, block_shape, zer
     return _mask_like(data, packed)
 
 
+@torch.library.register_fake("sparsity_ext::block_norm_mask_into_")
+def _block_norm_mask_into_fake(data, mask, sparsity_level, block_shape, zeros_per_block, norm):
+    return None
+
+
 @torch.library.register_fake("sparsity_ext::block_norm_mask_update_")
 def _block_norm_mask_update_fake(data, mask, sparsity_level, block_shape, zeros_per_block, norm):
     return None

@@ -16,7 +16,8 @@ from . import _backend, _extension, reference
 from .semi_structured import _layout as _semi_structured_layout
 from .semi_structured import reference as _semi_structured_reference
 
-__all__ = ["block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
+__all__ = ["block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_into_", "block_norm_mask_update_",
+           "block_scores",
            "block_norm_mask_select", "nm_mask",
            "select_threshold", "apply_mask_", "pack_mask", "unpack_mask", "parse_norm", "FLOAT_DTYPES",
            "sparsify_24_pack"]
@@ -125,6 +126,52 @@ def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shap
     Returns the mask (bool, or packed bits with packed=True).
     """
     return _block_mask("block_norm_mask_apply_", data, sparsity_level, block_shape, zeros_per_block, norm, packed)
+
+
+def _check_mask_format(mask: torch.Tensor, data: torch.Tensor, op: str) -> bool:
+    """Checks that mask is a mask of data in one of the two formats (bool of data's shape, or packed uint8 bits,
+    1-D with ceil(numel/8) bytes) on data's device; returns whether it is packed."""
+    _check_tensor("mask", mask, op)
+    if mask.device != data.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but data is on {data.device}")
+    if mask.dtype == torch.bool:
+        if mask.shape != data.shape:
+            raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != data shape {tuple(data.shape)}")
+        return False
+    if mask.dtype == torch.uint8:
+        need = (data.numel() + 7) // 8
+        if mask.dim() != 1 or mask.numel() != need:
+            raise ValueError(f"{op}: packed mask must be 1-D with {need} bytes for data of shape "
+                             f"{tuple(data.shape)}, got shape {tuple(mask.shape)}")
+        return True
+    raise TypeError(f"{op}: mask must be bool or packed uint8, got {mask.dtype}")
+
+
+def block_norm_mask_into_(data: torch.Tensor, mask: torch.Tensor, sparsity_level: float,
+                          block_shape: Sequence[int] = (1, 4), zeros_per_block: int | None = None,
+                          norm=2) -> torch.Tensor:
+    """block_norm_mask written into `mask` (bool of data's shape, or packed uint8 bits) instead of a new tensor:
+    a mask updated every step keeps its memory (for a large table, fresh memory costs a page fault per page).
+
+    Returns mask. Its old contents are not read.
+    """
+    op = "block_norm_mask_into_"
+    _check_float_data(data, op)
+    packed = _check_mask_format(mask, data, op)
+    level = _check_level(sparsity_level, op)
+    bshape = _check_block_shape(block_shape, op)
+    zeros = _check_zeros(zeros_per_block, bshape, op)
+    target = mask if mask.is_contiguous() else mask.contiguous()
+    _run(op, data, _as_2d(data), target if packed else _as_2d(target), level, bshape, zeros, parse_norm(norm))
+    if target is not mask:
+        mask.copy_(target)
+    return mask
+
+
+def mask_into_from_block_norm_mask(data, mask, sparsity_level, block_shape, zeros_per_block, norm) -> None:
+    """block_norm_mask_into_ for backends without a kernel of their own for it: their block_norm_mask, copied."""
+    packed = mask.dtype == torch.uint8
+    mask.copy_(block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, packed).view(mask.shape))
 
 
 def block_norm_mask_update_(data: torch.Tensor, mask: torch.Tensor, sparsity_level: float,
@@ -258,21 +305,9 @@ def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero data in place where mask is False. mask: bool of data's shape, or packed uint8 bits."""
     op = "apply_mask_"
     _check_tensor("data", data, op)
-    _check_tensor("mask", mask, op)
     if data.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: data must be one of {[str(d) for d in FLOAT_DTYPES]}, got {data.dtype}")
-    if mask.device != data.device:
-        raise ValueError(f"{op}: mask is on {mask.device} but data is on {data.device}")
-    if mask.dtype == torch.bool:
-        if mask.shape != data.shape:
-            raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != data shape {tuple(data.shape)}")
-    elif mask.dtype == torch.uint8:
-        need = (data.numel() + 7) // 8
-        if mask.dim() != 1 or mask.numel() != need:
-            raise ValueError(f"{op}: packed mask must be 1-D with {need} bytes for data of shape "
-                             f"{tuple(data.shape)}, got shape {tuple(mask.shape)}")
-    else:
-        raise TypeError(f"{op}: mask must be bool or packed uint8, got {mask.dtype}")
+    _check_mask_format(mask, data, op)
     _run(op, data, data, mask)  # the compiled op returns nothing: an aliased output cannot be functionalized
     return data
 
@@ -317,11 +352,13 @@ def sparsify_24_pack(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(op, data, data)
 
 # ------------------------------------------------------------------------------ registrations
-OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
+OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_into_", "block_norm_mask_update_",
+            "block_scores",
             "block_norm_mask_select", "nm_mask", "select_threshold", "apply_mask_", "pack_mask", "unpack_mask")
 # fp64 data is scored by the reference only (rare in practice); the mask-format ops take any dtype.
 _COMPILED_DTYPES = {op: (torch.float32, torch.float16, torch.bfloat16) for op in
-                    ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_update_", "block_scores",
+                    ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_into_", "block_norm_mask_update_",
+                     "block_scores",
                      "block_norm_mask_select", "nm_mask", "select_threshold")}
 
 _REFERENCES = {**{op: getattr(reference, op) for op in OP_NAMES},
@@ -368,6 +405,12 @@ def select_on_level_one_mask(data, scores, threshold, ties, block_shape, zeros_p
 
 _backend.register("block_norm_mask_select", "cuda", select_on_level_one_mask, devices=("cuda",),
                   dtypes=_COMPILED_DTYPES["block_norm_mask_select"],
+                  available=lambda: _extension.has_kernel("block_norm_mask", "CUDA"),
+                  unavailable_reason=lambda: (_extension.load_error or "the CUDA kernels were not compiled")
+                  + f"; {_extension.BUILD_HINT}")
+
+_backend.register("block_norm_mask_into_", "cuda", mask_into_from_block_norm_mask, devices=("cuda",),
+                  dtypes=_COMPILED_DTYPES["block_norm_mask_into_"],
                   available=lambda: _extension.has_kernel("block_norm_mask", "CUDA"),
                   unavailable_reason=lambda: (_extension.load_error or "the CUDA kernels were not compiled")
                   + f"; {_extension.BUILD_HINT}")

@@ -139,6 +139,12 @@ def block_norm_mask_select(data: torch.Tensor, scores: torch.Tensor, threshold: 
     return pack_mask(keep) if packed else keep
 
 
+def block_norm_mask_into_(data: torch.Tensor, mask: torch.Tensor, sparsity_level: float,
+                          block_shape: tuple[int, int], zeros_per_block: int, norm: int) -> None:
+    packed = mask.dtype == torch.uint8
+    mask.copy_(block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, packed).view(mask.shape))
+
+
 def block_norm_mask_update_(data: torch.Tensor, mask: torch.Tensor, sparsity_level: float,
                             block_shape: tuple[int, int], zeros_per_block: int, norm: int) -> None:
     mask.copy_(block_norm_mask(mask * data, sparsity_level, block_shape, zeros_per_block, norm))

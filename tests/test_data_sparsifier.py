@@ -123,8 +123,10 @@ def test_lean_mask_never_allocates_a_float_mask_and_squashes_in_place(mask_dtype
     parametrization = sparsifier._container.parametrizations.emb[0]
     assert type(parametrization) is (PackedFakeSparsity if mask_dtype == "packed" else FakeSparsity)
     assert parametrization.mask is mask
+    mask_pointer = mask.data_ptr()
     sparsifier.step()
     assert sparsifier.get_mask("emb") is mask and mask.dtype in (torch.bool, torch.uint8)
+    assert mask.data_ptr() == mask_pointer  # the lean mask is rewritten in place, not replaced
     expected = emb.weight.detach() * sparsifier.get_mask("emb", as_bool=True)
     sparsifier.squash_mask()
     assert emb.weight.data_ptr() == pointer  # zeroed in place: no new storage

@@ -23,6 +23,8 @@ def _sample_calls():
         ("block_norm_mask_apply_", (half.clone(), 0.3, [3, 3], 9, 2, True)),
         ("block_norm_mask_update_", (data, torch.ones(6, 20), 0.5, [1, 4], 4, 2)),
         ("block_norm_mask_update_", (half, mask[:5, :16].clone(), 0.4, [2, 3], 2, 1)),
+        ("block_norm_mask_into_", (data, torch.zeros(6, 20, dtype=torch.bool), 0.5, [1, 4], 2, 2)),
+        ("block_norm_mask_into_", (half, torch.zeros(10, dtype=torch.uint8), 0.4, [2, 3], 6, 1)),
         ("block_scores", (data, [1, 4], 2)),
         ("block_scores", (half, [2, 3], 1)),
         ("block_norm_mask_select", (data, torch.ops.sparsity_ext.block_scores(data, [1, 4], 2), 0.5, 3, [1, 4], 2, 2,
@@ -62,7 +64,9 @@ def test_torch_compile_fullgraph_calls_every_op():
         selected = ops.block_norm_mask_select(x, scores, 0.5, 2, [1, 4], 2, 2, False)
         updated = torch.ones_like(x)
         ops.block_norm_mask_update_(x, updated, 0.5, [1, 4], 4, 2)
-        return mask, packed, unpacked, nm, value, tie_rank, y, z, z_mask, scores, selected, updated
+        written = torch.zeros(32, dtype=torch.uint8)
+        ops.block_norm_mask_into_(x, written, 0.5, [1, 4], 4, 2)
+        return mask, packed, unpacked, nm, value, tie_rank, y, z, z_mask, scores, selected, updated, written
 
     eager = pipeline(data)
     torch._dynamo.reset()

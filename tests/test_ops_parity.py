@@ -143,6 +143,30 @@ def test_block_norm_mask_select_splits_block_norm_mask(backend, device, dtype, s
         assert torch.equal(torch.cat(parts), expected), (block, zeros, level, norm)
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 37), (7, 13), (33, 65), (36_000, 64)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided_mask"])
+def test_block_norm_mask_into_writes_block_norm_mask(backend, device, dtype, shape, layout):
+    """The given mask (bool, or packed bits) ends up equal to block_norm_mask's, whatever it held; the packed
+    mask is the kernel's own output buffer, a strided bool mask is written through a contiguous copy."""
+    _require(backend, device)
+    data = _data(shape, dtype, device, seed=shape[0] + 3 * shape[1], kind="tie_free" if shape[0] > 1000 else "ties")
+    configs = _configs(seed=shape[1], count=12) if shape[0] < 1000 else \
+        [((1, 4), 4, 0.8, 1, True), ((1, 4), 2, 0.5, 2, False), ((1, 8), 8, 0.3, 1, False)]
+    for block, zeros, level, norm, packed in configs:
+        expected = reference.block_norm_mask(data, level, block, zeros, norm, packed)
+        if packed:
+            mask = torch.zeros(expected.shape, dtype=torch.uint8, device=device)
+        elif layout == "strided_mask":
+            mask = torch.zeros((shape[1], shape[0]), dtype=torch.bool, device=device).t()
+        else:
+            mask = torch.ones(shape, dtype=torch.bool, device=device)
+        with sparsity_ext.use_backend(backend):
+            returned = ops.block_norm_mask_into_(data, mask, level, block, zeros, norm)
+        assert returned is mask and torch.equal(mask, expected), (block, zeros, level, norm, packed)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_dtype", ["bool", "float32", "data"])
@@ -362,6 +386,16 @@ BAD_CALLS = [
     ("block_norm_mask_update_", lambda x: (x, torch.ones(8, 8, dtype=torch.int8, device=x.device), 0.5, [1, 4], 4, 1),
      "mask must be bool, float32"),
     ("block_norm_mask_update_", lambda x: (x, torch.ones(8, 8, device=x.device), 1.5, [1, 4], 4, 1), "sparsity_level"),
+    ("block_norm_mask_into_", lambda x: (x, torch.ones(8, 4, dtype=torch.bool, device=x.device), 0.5, [1, 4], 4, 1),
+     "mask shape"),
+    ("block_norm_mask_into_", lambda x: (x, torch.ones(9, dtype=torch.uint8, device=x.device), 0.5, [1, 4], 4, 1),
+     "must be 1-D with 8 bytes"),
+    ("block_norm_mask_into_", lambda x: (x, torch.ones(8, 8, device=x.device), 0.5, [1, 4], 4, 1),
+     "mask must be bool or packed"),
+    ("block_norm_mask_into_", lambda x: (x, torch.ones(8, 8, dtype=torch.bool, device=x.device).t(), 0.5, [1, 4], 4,
+                                         1), "contiguous"),
+    ("block_norm_mask_into_", lambda x: (x, torch.ones(8, dtype=torch.uint8, device=x.device), 1.5, [1, 4], 4, 1),
+     "sparsity_level"),
     ("select_threshold", lambda x: (x.view(-1), 0), "k must be in"),
     ("select_threshold", lambda x: (x.view(-1), x.numel() + 1), "k must be in"),
     ("select_threshold", lambda x: (x, 1), "values must be 1-D"),

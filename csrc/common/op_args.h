@@ -74,6 +74,19 @@ inline void check_update_mask_arg(const char* op, const at::Tensor& data, const 
               ": mask must be bool, float32 or data's dtype (", data.scalar_type(), "), got ", dtype);
 }
 
+// A mask argument in one of the two mask formats: bool of data's shape, or packed bits (uint8, 1-D,
+// ceil(numel/8) bytes). Returns whether it is packed.
+inline bool check_mask_format_arg(const char* op, const at::Tensor& data, const at::Tensor& mask) {
+  if (mask.scalar_type() == at::kBool) {
+    TORCH_CHECK(mask.sizes() == data.sizes(), op, ": mask shape ", mask.sizes(), " != data shape ", data.sizes());
+    return false;
+  }
+  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be bool or packed uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1 && mask.numel() == (data.numel() + 7) / 8, op, ": a packed mask for data of shape ",
+              data.sizes(), " must be 1-D with ", (data.numel() + 7) / 8, " bytes, got shape ", mask.sizes());
+  return true;
+}
+
 inline void check_nm_args(int64_t n, int64_t m) {
   TORCH_CHECK(m >= 1 && n >= 0 && n <= m, "nm_mask: need m >= 1 and 0 <= n <= m, got n=", n, ", m=", m);
 }

@@ -857,19 +857,35 @@ at::Tensor block_norm_mask_select_cpu(const at::Tensor& data, const at::Tensor& 
   return mask;
 }
 
-at::Tensor block_mask_cpu(const char* op, const at::Tensor& data, double sparsity_level, at::IntArrayRef block_shape,
-                          int64_t zeros_per_block, int64_t norm, bool packed, bool apply) {
+// The mask of data into `mask` (bool or packed, contiguous; see block_norm_mask_into_), data zeroed where
+// it is 0 when `apply`.
+void block_mask_into_cpu(const char* op, const at::Tensor& data, at::Tensor& mask, double sparsity_level,
+                         at::IntArrayRef block_shape, int64_t zeros_per_block, int64_t norm, bool packed, bool apply) {
   TORCH_CHECK(data.device().is_cpu(), op, ": data must be a CPU tensor, got ", data.device());
   const BlockGrid grid = check_block_mask_args(op, data, sparsity_level, block_shape, zeros_per_block, norm);
   at::Tensor work = rows_readable_in_place(data) ? data : data.contiguous();
-  at::Tensor mask = empty_mask(data, packed);
   SPX_DISPATCH_SCORED_TYPES(data.scalar_type(), "block_mask_cpu", [&] {
     using T = typename Storage<scalar_t>::type;
     block_mask_kernel<T>(reinterpret_cast<T*>(work.data_ptr<scalar_t>()), row_stride(work), grid, sparsity_level,
                          zeros_per_block, static_cast<int>(norm), packed, apply, mask);
   });
   if (apply && !work.is_same(data)) data.copy_(work);
+}
+
+at::Tensor block_mask_cpu(const char* op, const at::Tensor& data, double sparsity_level, at::IntArrayRef block_shape,
+                          int64_t zeros_per_block, int64_t norm, bool packed, bool apply) {
+  at::Tensor mask = empty_mask(data, packed);
+  block_mask_into_cpu(op, data, mask, sparsity_level, block_shape, zeros_per_block, norm, packed, apply);
   return mask;
+}
+
+void block_norm_mask_into__cpu(const at::Tensor& data, at::Tensor& mask, double sparsity_level,
+                               at::IntArrayRef block_shape, int64_t zeros_per_block, int64_t norm) {
+  const char* op = "block_norm_mask_into_";
+  TORCH_CHECK(mask.device().is_cpu(), op, ": mask must be a CPU tensor, got ", mask.device());
+  const bool packed = check_mask_format_arg(op, data, mask);
+  TORCH_CHECK(mask.is_contiguous(), op, ": mask must be contiguous");
+  block_mask_into_cpu(op, data, mask, sparsity_level, block_shape, zeros_per_block, norm, packed, false);
 }
 
 at::Tensor block_norm_mask_cpu(const at::Tensor& data, double sparsity_level, at::IntArrayRef block_shape,
@@ -899,6 +915,7 @@ TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m) {
   m.impl("block_scores", &block_scores_cpu);
   m.impl("block_norm_mask_select", &block_norm_mask_select_cpu);
   m.impl("block_norm_mask_update_", &block_norm_mask_update__cpu);
+  m.impl("block_norm_mask_into_", &block_norm_mask_into__cpu);
 }
 
 }  // namespace sparsity_ext

@@ -78,7 +78,8 @@ def _one_shot_preferred(table: torch.Tensor, max_chunk_bytes: int) -> bool:
 
 def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_shape=(1, 4),
                             zeros_per_block: int | None = None, norm=1, *, packed: bool = False,
-                            apply: bool = False, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> torch.Tensor:
+                            apply: bool = False, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """ops.block_norm_mask (or, with apply=True, ops.block_norm_mask_apply_) without temporaries of the table's
     size: a compiled kernel takes the table whole (its working memory is O(num_blocks)), the reference and
     layouts the kernel would copy go in row chunks of about max_chunk_bytes; the result is the one-shot op's,
@@ -89,6 +90,8 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
         sparsity_level, block_shape, zeros_per_block, norm: as ops.block_norm_mask (norm 'L1'/'L2'/1/2).
         packed: return the mask bit-packed (ops.pack_mask layout) instead of bool.
         max_chunk_bytes: bytes of `data` per chunk, where chunked (at least one block row per chunk).
+        out: a contiguous mask in the format asked for (bool of data's shape, or packed bits) to write the mask
+            into and return, instead of a new tensor.
     Returns:
         bool mask of data's shape (True = keep), or the packed bits.
     """
@@ -99,21 +102,30 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
     zeros = ops._check_zeros(zeros_per_block, block, where)
     norm_code = ops.parse_norm(norm)
     max_chunk_bytes = ops._check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
+    if out is not None and (ops._check_mask_format(out, data, where) != bool(packed) or not out.is_contiguous()):
+        raise ValueError(f"{where}: out must be a contiguous {'packed' if packed else 'bool'} mask of the data")
 
     table = data.unsqueeze(0) if data.dim() == 1 else data
     height, width = table.shape
     if _one_shot_preferred(table, max_chunk_bytes):
-        one_shot = ops.block_norm_mask_apply_ if apply else ops.block_norm_mask
-        return one_shot(data, level, block, zeros, norm_code, packed=packed)
+        if out is None:
+            one_shot = ops.block_norm_mask_apply_ if apply else ops.block_norm_mask
+            return one_shot(data, level, block, zeros, norm_code, packed=packed)
+        ops.block_norm_mask_into_(data, out, level, block, zeros, norm_code)
+        if apply:
+            ops.apply_mask_(data, out)
+        return out
 
     block_cols = -(-width // block[1])
     num_blocks = -(-height // block[0]) * block_cols
     k = reference.num_selected_blocks(level, num_blocks)
     if k == 0 or zeros == 0:  # nothing is zeroed
-        if packed:
-            return packed_ones(table.numel(), data.device)
-        return torch.ones(data.shape, dtype=torch.bool, device=data.device)
-    if packed:
+        ones = packed_ones(table.numel(), data.device) if packed else \
+            torch.ones(data.shape, dtype=torch.bool, device=data.device)
+        return ones if out is None else out.copy_(ones)
+    if out is not None:
+        mask = out if packed else out.view(height, width)
+    elif packed:
         mask = torch.empty(((table.numel() + 7) // 8,), dtype=torch.uint8, device=data.device)
     else:
         mask = torch.empty((height, width), dtype=torch.bool, device=data.device)
@@ -152,4 +164,6 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
             mask[start * width // 8:start * width // 8 + keep.numel()] = keep
         else:
             mask[start:stop] = keep
+    if out is not None:
+        return out
     return mask if packed else mask.view(data.shape)

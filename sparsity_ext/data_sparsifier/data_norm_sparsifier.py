@@ -102,8 +102,14 @@ class DataNormSparsifier(BaseDataSparsifier):
         mask = self.get_mask(name)
         rows, cols = (1, data.shape[0]) if data.dim() == 1 else data.shape
         level = data_norm_level(level, -(-rows // block[0]) * -(-cols // block[1]))
+        packed = self.mask_dtype == "packed"
+        # A lean mask in its own format is rewritten in place: no fresh table-sized memory every step.
+        reusable = (self._lean and mask.device == data.device and mask.is_contiguous()
+                    and (mask.dtype, tuple(mask.shape)) == ((torch.uint8, ((data.numel() + 7) // 8,)) if packed
+                                                            else (torch.bool, tuple(data.shape))))
         with torch.no_grad():
-            keep = block_norm_mask_chunked(data, level, block, zeros, self.norm, packed=self.mask_dtype == "packed",
-                                           max_chunk_bytes=self.max_chunk_bytes)
-        # bool -> int8 as a view (same bytes, 0/1): no copy of a table-sized mask
-        mask.data = keep.view(torch.int8) if self.mask_dtype is None else keep
+            keep = block_norm_mask_chunked(data, level, block, zeros, self.norm, packed=packed,
+                                           max_chunk_bytes=self.max_chunk_bytes, out=mask if reusable else None)
+        if not reusable:
+            # bool -> int8 as a view (same bytes, 0/1): no copy of a table-sized mask
+            mask.data = keep.view(torch.int8) if self.mask_dtype is None else keep

@@ -103,6 +103,11 @@ def _select_on_level_one_mask(*args):
     return select_on_level_one_mask(*args)
 
 
+def _mask_into_from_block_norm_mask(*args):
+    from ..ops import mask_into_from_block_norm_mask
+    return mask_into_from_block_norm_mask(*args)
+
+
 def register() -> None:
     """(Re-)register the triton implementations with sparsity_ext's backend registry."""
     devices = ("cuda", "cpu") if interpreting() else ("cuda",)
@@ -112,6 +117,9 @@ def register() -> None:
                           available=is_available, unavailable_reason=lambda: _import_error() or "")
     # block_norm_mask_select: the triton block_norm_mask at level 1, and the threshold's blocks (see ops)
     _backend.register("block_norm_mask_select", "triton", _select_on_level_one_mask, devices=devices,
+                      dtypes=_DATA_DTYPES, available=is_available, unavailable_reason=lambda: _import_error() or "")
+    # block_norm_mask_into_: the triton block_norm_mask, copied into the given mask
+    _backend.register("block_norm_mask_into_", "triton", _mask_into_from_block_norm_mask, devices=devices,
                       dtypes=_DATA_DTYPES, available=is_available, unavailable_reason=lambda: _import_error() or "")
     # sparsify_24_pack (sparsity_ext.semi_structured): its kernel is triton/semi_structured.py
     _backend.register("sparsify_24_pack", "triton", _sparsify_24_pack, devices=devices, dtypes=PACK_DTYPES,

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/op_args.h"
+
 namespace sparsity_ext {
 namespace {
 
@@ -104,11 +106,7 @@ void apply_mask_kernel(scalar_t* data, const at::Tensor& mask, int64_t numel) {
 }
 
 void apply_mask__cpu(at::Tensor& data, const at::Tensor& mask) {
-  const bool packed = mask.scalar_type() == at::kByte;
-  TORCH_CHECK(packed || mask.scalar_type() == at::kBool, "apply_mask_: mask must be bool or packed uint8, got ",
-              mask.scalar_type());
-  TORCH_CHECK(packed ? mask.numel() == (data.numel() + 7) / 8 : mask.sizes() == data.sizes(),
-              "apply_mask_: mask shape ", mask.sizes(), " does not fit data shape ", data.sizes());
+  check_mask_format_arg("apply_mask_", data, mask);
   // Work on a contiguous buffer; copy back only when data itself is not contiguous.
   at::Tensor work = data.contiguous();
   const at::Tensor mask_c = mask.contiguous();

@@ -53,11 +53,7 @@ void apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
   TORCH_CHECK(data.is_cuda() && mask.is_cuda() && data.device() == mask.device(),
               "apply_mask_: data and mask must be on the same CUDA device, got ", data.device(), " and ",
               mask.device());
-  const bool packed = mask.scalar_type() == at::kByte;
-  TORCH_CHECK(packed || mask.scalar_type() == at::kBool, "apply_mask_: mask must be bool or packed uint8, got ",
-              mask.scalar_type());
-  TORCH_CHECK(packed ? mask.numel() == (data.numel() + 7) / 8 : mask.sizes() == data.sizes(),
-              "apply_mask_: mask shape ", mask.sizes(), " does not fit data shape ", data.sizes());
+  const bool packed = check_mask_format_arg("apply_mask_", data, mask);
   const c10::cuda::OptionalCUDAGuard device_guard(data.device());
   if (data.numel() == 0) return;
   at::Tensor work = data.contiguous();

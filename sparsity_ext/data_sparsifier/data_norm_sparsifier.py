@@ -12,7 +12,7 @@ import torch
 
 from .. import ops
 from ._chunked import DEFAULT_MAX_CHUNK_BYTES, block_norm_mask_chunked
-from .base_data_sparsifier import BaseDataSparsifier
+from .base_data_sparsifier import BaseDataSparsifier, _is_packed_for
 
 __all__ = ["DataNormSparsifier"]
 
@@ -105,8 +105,8 @@ class DataNormSparsifier(BaseDataSparsifier):
         packed = self.mask_dtype == "packed"
         # A lean mask in its own format is rewritten in place: no fresh table-sized memory every step.
         reusable = (self._lean and mask.device == data.device and mask.is_contiguous()
-                    and (mask.dtype, tuple(mask.shape)) == ((torch.uint8, ((data.numel() + 7) // 8,)) if packed
-                                                            else (torch.bool, tuple(data.shape))))
+                    and (_is_packed_for(mask, data) if packed else
+                         mask.dtype == torch.bool and mask.shape == data.shape))
         with torch.no_grad():
             keep = block_norm_mask_chunked(data, level, block, zeros, self.norm, packed=packed,
                                            max_chunk_bytes=self.max_chunk_bytes, out=mask if reusable else None)

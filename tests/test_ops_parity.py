@@ -310,8 +310,12 @@ BAND_TABLES = {
     "tie_free": lambda: tie_free((36_000, 64), torch.float32, "cpu", 11),
     # rows in increasing norm: the sampled runs see a skewed table
     "sorted_rows": lambda: (lambda x: x[x.abs().sum(1).argsort()])(tie_free((36_000, 64), torch.float32, "cpu", 12)),
-    # half the rows zero: ties at or next to the threshold, whose band would hold half the blocks
+    # half the rows zero: a run of ties ending at the threshold (level 0.5), straddling it (higher levels) or
+    # below it (lower levels)
     "zero_rows": lambda: tie_free((36_000, 64), torch.float32, "cpu", 13).index_fill_(0, torch.arange(0, 36_000, 2), 0.0),
+    # a weight already masked at 50 %, as a sparsifier's next step scores it: half the blocks zero
+    "masked_blocks": lambda: (lambda x: x * reference.block_norm_mask(x, 0.5, (1, 4), 4, 2))(
+        tie_free((36_000, 64), torch.float32, "cpu", 17)),
     "row_stride": lambda: _layout(tie_free((24_000, 96), torch.float32, "cpu", 14), "column_slice"),
     "bf16": lambda: tie_free((36_000, 72), torch.bfloat16, "cpu", 15),
 }

@@ -437,7 +437,8 @@ struct BandTask {
 
 // A band that holds the k-th smallest of the num_blocks block keys unless the sample is very unlucky:
 // the sample's order statistics 5 standard deviations (plus a few ranks) either side of its k-th
-// quantile. False when the band would be a single key (a long run of ties: the keyed pipeline takes it).
+// quantile, the lower one excluded. False when both are the same key (a long run of ties straddles the
+// threshold: the keyed pipeline takes it).
 template <typename T>
 bool sample_band(const Plan<T>& plan, int64_t k, Band& band) {
   const int64_t num_blocks = plan.grid.num_blocks();
@@ -462,9 +463,16 @@ bool sample_band(const Plan<T>& plan, int64_t k, Band& band) {
     std::nth_element(sample.begin(), sample.begin() + rank, sample.end());
     return sample[rank];
   };
-  band.lo = lo_rank < 0 ? 0u : nth(lo_rank);
   band.hi = hi_rank >= static_cast<int64_t>(sample.size()) ? UINT32_MAX : nth(hi_rank);
-  return band.lo != band.hi;
+  if (lo_rank < 0) {
+    band.lo = 0;
+    return true;
+  }
+  // Blocks with the lo_rank-th sampled key are below the band, so that a run of ties there (the
+  // zeroed blocks of an already masked weight) is counted rather than recorded.
+  const uint32_t lo_key = nth(lo_rank);
+  band.lo = lo_key + 1;
+  return lo_key != band.hi;
 }
 
 // Keep flags of the flat range [begin, end) (whole blocks of whole rows' kWidth-column tiling) with blocks
@@ -524,7 +532,9 @@ inline bool select_in_band(const std::vector<BandTask>& tasks, int64_t k, std::v
     below += task.below;
     recorded += static_cast<int64_t>(task.keys.size());
   }
-  if (k <= below || k > below + recorded) return false;
+  if (k < below || k > below + recorded) return false;
+  selected.assign(recorded, 0);
+  if (k == below) return true;
   keys.clear();
   for (const BandTask& task : tasks) keys.insert(keys.end(), task.keys.begin(), task.keys.end());
   const cpu::Chunking chunks = cpu::make_chunking(recorded, kScoreGrain);
@@ -533,7 +543,6 @@ inline bool select_in_band(const std::vector<BandTask>& tasks, int64_t k, std::v
   const RadixState state = cpu::radix_select(chunks, key_at, k - below, nullptr);
   const int64_t last_tied = state.rank < state.equal ? cpu::index_of_tied(chunks, key_at, state.prefix, state.rank)
                                                      : INT64_MAX;
-  selected.resize(recorded);
   for (int64_t i = 0; i < recorded; ++i) selected[i] = block_selected(keys[i], i, state.prefix, last_tied);
   return true;
 }
@@ -722,6 +731,26 @@ void tile_keep(const Plan<P>& plan, ZeroMode mode, bool* keep) {
   }
 }
 
+// out[c] = flags[c] as an M (bool, or a float type: 1 or 0). Integer arithmetic on the flags' bytes, as the
+// loop vectorizes that way (loads of bool and conversions to c10::Half do not).
+template <typename M>
+void write_flags_as(const bool* flags, M* out, int64_t n) {
+  if constexpr (std::is_same_v<M, bool>) {
+    std::memcpy(out, flags, n);
+  } else {
+    using Bits = std::conditional_t<sizeof(M) == 4, uint32_t, uint16_t>;
+    static_assert(sizeof(M) == sizeof(Bits), "write_flags_as: unsupported mask element size");
+    const M one_value(1.0f);
+    Bits one;
+    std::memcpy(&one, &one_value, sizeof(Bits));
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(flags);
+    for (int64_t c = 0; c < n; ++c) {
+      const Bits value = static_cast<Bits>(bytes[c] * one);
+      std::memcpy(out + c, &value, sizeof(Bits));
+    }
+  }
+}
+
 // T data, M mask, P = the dtype of mask * data (M is bool, T or float).
 template <typename T, typename M, typename P>
 void update_mask_kernel(const T* data, int64_t ld, M* mask, int64_t mask_ld, const BlockGrid& grid,
@@ -788,12 +817,7 @@ void update_mask_kernel(const T* data, int64_t ld, M* mask, int64_t mask_ld, con
         plan.cuts = cuts.data();
       }
       tile_keep(plan, mode, keep.get());
-      for (int64_t r = 0; r < rows; ++r) {
-        M* m = mask + (r0 + r) * mask_ld;
-        const bool* flags = keep.get() + r * grid.cols;
-        // branch-free (the flags are close to random): a conversion the compiler vectorizes
-        for (int64_t c = 0; c < grid.cols; ++c) m[c] = static_cast<M>(static_cast<float>(flags[c]));
-      }
+      for (int64_t r = 0; r < rows; ++r) write_flags_as(keep.get() + r * grid.cols, mask + (r0 + r) * mask_ld, grid.cols);
     }
   });
 }

@@ -346,6 +346,40 @@ def test_large_apply_matches_reference(backend, device, packed):
     assert torch.equal(mask, expected_mask) and torch.equal(data, expected)
 
 
+def _tie_run_above_half():
+    """Half the rows small, then 40 % of the rows one constant (a run of tied blocks just above the 50 % threshold,
+    too long for a band to record), then large rows."""
+    small = tie_free((1024, 1024), torch.float32, "cpu", 23) * 0.25
+    large = tie_free((204, 1024), torch.float32, "cpu", 24).abs() + 2.0
+    return torch.cat([small, torch.full((820, 1024), 0.5), large])
+
+
+# block_norm_mask_update_ on tables past the band threshold (2^18 blocks), over two steps: the first
+# scores the data (all-ones mask), the second a weight whose dropped blocks are zero and tie.
+UPDATE_TABLES = {
+    "tie_free": lambda: tie_free((2048, 1024), torch.float32, "cpu", 21),
+    "bf16": lambda: tie_free((2048, 1024), torch.bfloat16, "cpu", 22),
+    "tie_run_above_half": _tie_run_above_half,
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("table", sorted(UPDATE_TABLES))
+@pytest.mark.parametrize("mask_dtype", ["bool", "float32", "data"])
+@pytest.mark.parametrize("block,zeros,level", [((1, 4), 4, 0.5), ((1, 8), 8, 0.8), ((1, 4), 2, 1.0)], ids=str)
+def test_large_update_steps_match_reference(backend, device, table, mask_dtype, block, zeros, level):
+    _require(backend, device)
+    data = UPDATE_TABLES[table]().to(device)
+    mask_type = {"bool": torch.bool, "float32": torch.float32, "data": data.dtype}[mask_dtype]
+    expected = torch.ones(data.shape, dtype=mask_type, device=device)
+    got = expected.clone()
+    for step in range(2):
+        reference.block_norm_mask_update_(data, expected, level, block, zeros, 2)
+        with sparsity_ext.use_backend(backend):
+            ops.block_norm_mask_update_(data, got, level, block, zeros, 2)
+        assert torch.equal(got, expected), step
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ten_million_elements(backend, device):

@@ -189,6 +189,31 @@ void keep_run(const Plan<T>& plan, int64_t row, int64_t block_col, int64_t c0, i
   }
 }
 
+// Rank keys for ranking the elements of one block on the CPU: signed integers in the order of
+// element_key's keys (ties where they tie), cheaper to make and to compare in SIMD lanes than unsigned
+// order keys. Norms 1 and 2 are >= 0 or NaN: their magnitude bits, with every NaN one key above +inf.
+template <int kNorm, typename T>
+inline int32_t rank_key(T x) {
+  const float norm = element_norm(to_float(x), kNorm);
+  if constexpr (kNorm == 0) return static_cast<int32_t>(order_key(norm) ^ 0x80000000u);
+  const int32_t magnitude = static_cast<int32_t>(float_to_bits(norm) & 0x7fffffffu);
+  return magnitude < 0x7f800001 ? magnitude : 0x7f800001;
+}
+
+// The kWidth keep flags (bytes) of each pattern of zero bits: byte c is 0 where bit c is set.
+template <int kWidth>
+struct KeepFlags {
+  using Word = std::conditional_t<kWidth == 4, uint32_t, uint64_t>;
+  Word of[1 << kWidth];
+  constexpr KeepFlags() : of() {
+    for (int bits = 0; bits < (1 << kWidth); ++bits) {
+      for (int c = 0; c < kWidth; ++c) of[bits] |= static_cast<Word>(!((bits >> c) & 1)) << (8 * c);
+    }
+  }
+};
+template <int kWidth>
+constexpr KeepFlags<kWidth> kKeepFlags{};
+
 // Keep flags of `count` consecutive full blocks of kWidth columns of one row, starting at block
 // index first_block whose elements start at `elements`: branch-free loops the compiler vectorizes.
 // Blocks up to last_tied_block are selected when key <= threshold, later ones when key < threshold,
@@ -203,27 +228,50 @@ void keep_full_row_blocks(const Plan<T>& plan, const T* elements, int64_t first_
   const uint32_t* keys = plan.keys;
   const uint32_t threshold = plan.threshold_key;
   const int zeros = clamp_zeros(plan.zeros_per_block, kWidth);
-  // kRowRank ranks a tile of blocks at a time: first the tile's element keys, in a loop of its own,
-  // so that both loops vectorize.
-  constexpr int64_t kTile = kMode == ZeroMode::kRowRank ? 512 : std::numeric_limits<int64_t>::max();
-  uint32_t element_keys[kMode == ZeroMode::kRowRank ? kTile * kWidth : 1];
+  // kRowRank ranks a tile of blocks at a time, in loops over the tile that vectorize across blocks: the
+  // element keys, transposed (element_keys[c][i]: element c of block i); each block's zero bits, as
+  // rank counting does (smallest_z_bits: ranks by key, ties by position); the flags of those bits.
+  constexpr bool kRanks = kMode == ZeroMode::kRowRank && (kWidth == 4 || kWidth == 8);
+  constexpr int64_t kTile = kRanks ? 256 : std::numeric_limits<int64_t>::max();
+  alignas(64) int32_t element_keys[kRanks ? kWidth : 1][kRanks ? kTile : 1];
+  alignas(64) int32_t zero_bits[kRanks ? kTile : 1];
   // blocks [i0, i1); kRule: 0 every block selected, 1 key <= threshold, 2 key < threshold
   const auto blocks = [&](int64_t i0, int64_t i1, auto rule) {
     constexpr int kRule = decltype(rule)::value;
-    for (int64_t t0 = i0; t0 < i1; t0 = t0 + std::min(kTile, i1 - t0)) {
-      const int64_t t1 = t0 + std::min(kTile, i1 - t0);
-      if constexpr (kMode == ZeroMode::kRowRank) {
-        for (int64_t e = 0; e < (t1 - t0) * kWidth; ++e) element_keys[e] = element_key(elements[t0 * kWidth + e], kNorm);
+    const auto selected = [&](int64_t i) {
+      return kRule == 0 || (kRule == 1 ? keys[first_block + i] <= threshold : keys[first_block + i] < threshold);
+    };
+    if constexpr (!kRanks) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const bool keep = !selected(i);
+        for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = keep;
       }
-      for (int64_t i = t0; i < t1; ++i) {
-        const bool selected = kRule == 0 || (kRule == 1 ? keys[first_block + i] <= threshold
-                                                          : keys[first_block + i] < threshold);
-        if constexpr (kMode == ZeroMode::kWholeBlock) {
-          for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !selected;
-        } else {
-          uint32_t group[kWidth];
-          for (int c = 0; c < kWidth; ++c) group[c] = element_keys[(i - t0) * kWidth + c];
-          for (int c = 0; c < kWidth; ++c) out[i * kWidth + c] = !(selected & in_smallest_z<kWidth>(group, c, zeros));
+    } else {
+      for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+        const int64_t n = std::min(kTile, i1 - t0);
+        const T* tile = elements + t0 * kWidth;
+        for (int64_t i = 0; i < n; ++i) {
+          SPX_UNROLL
+          for (int c = 0; c < kWidth; ++c) element_keys[c][i] = rank_key<kNorm>(tile[i * kWidth + c]);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          int32_t rank[kWidth] = {};
+          SPX_UNROLL
+          for (int p = 0; p < kWidth; ++p) {
+            SPX_UNROLL
+            for (int q = p + 1; q < kWidth; ++q) {  // p ranks below q unless key q < key p
+              const int32_t p_first = element_keys[p][i] <= element_keys[q][i];
+              rank[q] += p_first;
+              rank[p] += 1 - p_first;
+            }
+          }
+          int32_t bits = 0;
+          SPX_UNROLL
+          for (int p = 0; p < kWidth; ++p) bits |= static_cast<int32_t>(rank[p] < zeros) << p;
+          zero_bits[i] = bits & -static_cast<int32_t>(selected(t0 + i));
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          std::memcpy(out + (t0 + i) * kWidth, &kKeepFlags<kWidth>.of[zero_bits[i]], kWidth);
         }
       }
     }
@@ -439,9 +487,9 @@ struct BandTask {
 // the sample's order statistics 5 standard deviations (plus a few ranks) either side of its k-th
 // quantile, the lower one excluded. False when both are the same key (a long run of ties straddles the
 // threshold: the keyed pipeline takes it).
-template <typename T>
-bool sample_band(const Plan<T>& plan, int64_t k, Band& band) {
-  const int64_t num_blocks = plan.grid.num_blocks();
+// score_run(first, keys) writes the order keys of blocks [first, first + kBandRun) to keys[0, kBandRun).
+template <class ScoreRun>
+bool sample_band(int64_t num_blocks, int64_t k, const ScoreRun& score_run, Band& band) {
   const int64_t runs = std::min(kBandMaxRuns, num_blocks / (64 * kBandRun));
   const int64_t stride = num_blocks / runs;
   std::vector<uint32_t> sample(runs * kBandRun);
@@ -450,8 +498,7 @@ bool sample_band(const Plan<T>& plan, int64_t k, Band& band) {
       // runs start at a hashed offset inside their stretch, so that no period in the data aligns with them
       const uint64_t hash = static_cast<uint64_t>(r + 1) * 0x9E3779B97F4A7C15ull;
       const int64_t first = r * stride + static_cast<int64_t>((hash >> 33) % static_cast<uint64_t>(stride - kBandRun + 1));
-      uint32_t* out = sample.data() + r * kBandRun - first;
-      block_scores(plan, first, first + kBandRun, [out](int64_t i, float mean) { out[i] = order_key(mean); });
+      score_run(first, sample.data() + r * kBandRun);
     }
   });
   const double n = static_cast<double>(sample.size());
@@ -475,50 +522,59 @@ bool sample_band(const Plan<T>& plan, int64_t k, Band& band) {
   return lo_key != band.hi;
 }
 
-// Keep flags of the flat range [begin, end) (whole blocks of whole rows' kWidth-column tiling) with blocks
-// below band.lo selected, the others kept; counts and records into `task`.
+// Blocks [first_block, first_block + count) of `plan`, stored contiguously from `elements`: scores them,
+// writes their keep flags to `out` with the blocks below band.lo selected and the others kept, and
+// counts and records them into `task` as blocks index_offset + i (and stores their keys to
+// keys_out[index_offset + i] when keys_out is given).
+template <ZeroMode kMode, int kWidth, typename T>
+void band_blocks(const Plan<T>& plan, const Band& band, int64_t first_block, int64_t count, const T* elements,
+                 bool* out, int64_t index_offset, uint32_t* keys_out, BandTask& task) {
+  uint32_t tile_keys[kBandTile];
+  for (int64_t first = first_block; first < first_block + count; first += kBandTile) {
+    const int64_t n = std::min(kBandTile, first_block + count - first);
+    uint32_t* keys = tile_keys - first;
+    block_scores(plan, first, first + n, [keys](int64_t i, float mean) { keys[i] = order_key(mean); });
+    if (keys_out) std::memcpy(keys_out + index_offset + first, tile_keys, n * sizeof(uint32_t));
+    const uint32_t lo = band.lo, width = band.hi - band.lo;
+    int64_t below = 0;
+    for (int64_t i = 0; i < n; ++i) below += tile_keys[i] < lo;  // a loop of its own: it vectorizes
+    task.below += below;
+    for (int64_t g0 = 0; g0 < n; g0 += kBandGroup) {
+      const int64_t g1 = std::min(n, g0 + kBandGroup);
+      uint32_t in_band = 0;  // most groups have no key in the band
+      for (int64_t i = g0; i < g1; ++i) in_band += tile_keys[i] - lo <= width;
+      if (in_band == 0) continue;
+      for (int64_t i = g0; i < g1; ++i) {
+        if (tile_keys[i] - lo > width) continue;
+        if (static_cast<int64_t>(task.blocks.size()) == task.cap) {
+          task.overflow = true;
+          break;
+        }
+        task.blocks.push_back(index_offset + first + i);
+        task.keys.push_back(tile_keys[i]);
+      }
+    }
+    Plan<T> tile = plan;
+    tile.keys = keys;
+    tile.threshold_key = band.lo;
+    tile.last_tied_block = -1;  // key < lo only
+    const int64_t skip = (first - first_block) * kWidth;
+    keep_full_row_blocks<kMode, kWidth>(tile, elements + skip, first, n, out + skip);
+  }
+}
+
+// Keep flags of the flat range [begin, end) (whole blocks of whole rows' kWidth-column tiling): band_blocks
+// over the blocks it covers.
 template <ZeroMode kMode, int kWidth, typename T>
 void band_keep_range(const Plan<T>& plan, const Band& band, int64_t begin, int64_t end, bool* keep, BandTask& task) {
   const BlockGrid& g = plan.grid;
-  uint32_t tile_keys[kBandTile];
-  // blocks [first_block, first_block + count), stored contiguously from `elements`, flags to `out`
-  const auto blocks = [&](int64_t first_block, int64_t count, const T* elements, bool* out) {
-    for (int64_t first = first_block; first < first_block + count; first += kBandTile) {
-      const int64_t n = std::min(kBandTile, first_block + count - first);
-      uint32_t* keys = tile_keys - first;
-      block_scores(plan, first, first + n, [keys](int64_t i, float mean) { keys[i] = order_key(mean); });
-      const uint32_t lo = band.lo, width = band.hi - band.lo;
-      int64_t below = 0;
-      for (int64_t i = 0; i < n; ++i) below += tile_keys[i] < lo;  // a loop of its own: it vectorizes
-      task.below += below;
-      for (int64_t g0 = 0; g0 < n; g0 += kBandGroup) {
-        const int64_t g1 = std::min(n, g0 + kBandGroup);
-        uint32_t in_band = 0;  // most groups have no key in the band
-        for (int64_t i = g0; i < g1; ++i) in_band += tile_keys[i] - lo <= width;
-        if (in_band == 0) continue;
-        for (int64_t i = g0; i < g1; ++i) {
-          if (tile_keys[i] - lo > width) continue;
-          if (static_cast<int64_t>(task.blocks.size()) == task.cap) {
-            task.overflow = true;
-            break;
-          }
-          task.blocks.push_back(first + i);
-          task.keys.push_back(tile_keys[i]);
-        }
-      }
-      Plan<T> tile = plan;
-      tile.keys = keys;
-      tile.threshold_key = band.lo;
-      tile.last_tied_block = -1;  // key < lo only
-      const int64_t skip = (first - first_block) * kWidth;
-      keep_full_row_blocks<kMode, kWidth>(tile, elements + skip, first, n, out + skip);
-    }
-  };
   if (plan.ld == g.cols) {  // rows back to back: flat element e is element e % kWidth of block e / kWidth
-    return blocks(begin / kWidth, (end - begin) / kWidth, plan.data + begin, keep);
+    return band_blocks<kMode, kWidth>(plan, band, begin / kWidth, (end - begin) / kWidth, plan.data + begin, keep, 0,
+                                      nullptr, task);
   }
   for_each_row_segment(begin, end, g.cols, [&](int64_t row, int64_t c0, int64_t c1, int64_t offset) {
-    blocks(row * g.grid_cols + c0 / kWidth, (c1 - c0) / kWidth, plan.data + row * plan.ld + c0, keep + offset);
+    band_blocks<kMode, kWidth>(plan, band, row * g.grid_cols + c0 / kWidth, (c1 - c0) / kWidth,
+                               plan.data + row * plan.ld + c0, keep + offset, 0, nullptr, task);
   });
 }
 
@@ -547,11 +603,36 @@ inline bool select_in_band(const std::vector<BandTask>& tasks, int64_t k, std::v
   return true;
 }
 
+// Calls visit(block) for each recorded block of `tasks` that select_in_band selected, in parallel over the
+// tasks.
+template <class Visit>
+void for_each_selected_record(const std::vector<BandTask>& tasks, const std::vector<uint8_t>& selected,
+                              const Visit& visit) {
+  std::vector<int64_t> first_record(tasks.size() + 1, 0);
+  for (size_t t = 0; t < tasks.size(); ++t) first_record[t + 1] = first_record[t] + static_cast<int64_t>(tasks[t].blocks.size());
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (size_t j = 0; j < tasks[t].blocks.size(); ++j) {
+        if (selected[first_record[t] + j]) visit(tasks[t].blocks[j]);
+      }
+    }
+  });
+}
+
+// The order keys of blocks [first, first + kBandRun) of `plan`, for sample_band.
+template <typename T>
+void score_run(const Plan<T>& plan, int64_t first, uint32_t* keys) {
+  uint32_t* out = keys - first;
+  block_scores(plan, first, first + kBandRun, [out](int64_t i, float mean) { out[i] = order_key(mean); });
+}
+
 // The one-pass mask (see above); false, with the mask partly written, when the keyed pipeline must run.
 template <ZeroMode kMode, int kWidth, typename T>
 bool band_mask(const Plan<T>& plan, int64_t k, bool packed, at::Tensor& mask) {
   Band band;
-  if (!sample_band(plan, k, band)) return false;
+  if (!sample_band(plan.grid.num_blocks(), k, [&](int64_t first, uint32_t* keys) { score_run(plan, first, keys); }, band)) {
+    return false;
+  }
   const BlockGrid& g = plan.grid;
   const int64_t numel = g.rows * g.cols;
   const cpu::Chunking mask_chunks = mask_tasks(numel);
@@ -564,28 +645,18 @@ bool band_mask(const Plan<T>& plan, int64_t k, bool packed, at::Tensor& mask) {
   std::vector<uint8_t> selected;
   if (!select_in_band(tasks, k, keys, selected)) return false;
   // The selected recorded blocks, written as selected; each task's blocks lie in its own whole bytes.
-  std::vector<int64_t> first_record(tasks.size() + 1, 0);
-  for (size_t t = 0; t < tasks.size(); ++t) first_record[t + 1] = first_record[t] + static_cast<int64_t>(tasks[t].blocks.size());
   Plan<T> selecting = plan;
   selecting.all_selected = true;  // keep_run then writes a block's selected pattern
   bool* flags = packed ? nullptr : mask.data_ptr<bool>();
   uint8_t* bits = packed ? mask.data_ptr<uint8_t>() : nullptr;
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  for_each_selected_record(tasks, selected, [&](int64_t block) {
+    const int64_t row = block / g.grid_cols, col = (block - row * g.grid_cols) * kWidth;
+    const int64_t element = row * g.cols + col;
     bool keep[kWidth];
-    for (int64_t t = t0; t < t1; ++t) {
-      for (size_t j = 0; j < tasks[t].blocks.size(); ++j) {
-        if (!selected[first_record[t] + j]) continue;
-        const int64_t block = tasks[t].blocks[j];
-        const int64_t row = block / g.grid_cols, col = (block - row * g.grid_cols) * kWidth;
-        const int64_t element = row * g.cols + col;
-        bool* out = packed ? keep : flags + element;
-        keep_run<kMode, kWidth>(selecting, row, col / kWidth, col, col + kWidth, out);
-        if (packed) {
-          for (int c = 0; c < kWidth; ++c) {
-            bits[(element + c) >> 3] &= static_cast<uint8_t>(~((!keep[c]) << ((element + c) & 7)));
-          }
-        }
-      }
+    bool* out = packed ? keep : flags + element;
+    keep_run<kMode, kWidth>(selecting, row, col / kWidth, col, col + kWidth, out);
+    if (packed) {
+      for (int c = 0; c < kWidth; ++c) bits[(element + c) >> 3] &= static_cast<uint8_t>(~((!keep[c]) << ((element + c) & 7)));
     }
   });
   return true;
@@ -696,7 +767,10 @@ void selected_mask_kernel(T* data, int64_t ld, const BlockGrid& grid, const floa
 // the per-tile plans reuse the one-shot kernel's scoring and mask functions on it. The new mask is
 // written over the old one tile by tile, after that tile's product was read. Traffic: data and mask
 // read once for the scores, again only where the mask pass ranks elements (zeros_per_block < block
-// size), and the mask written once; no tensor of data's size is allocated.
+// size), and the mask written once; no tensor of data's size is allocated. Whole blocks of one row of 4 or
+// 8 columns take the band selection instead (update_band): the mask written in the scoring pass.
+// A weight already masked at the same level has its zeroed blocks tied at the lowest key; the band counts
+// them below itself (see sample_band).
 constexpr int64_t kUpdateTileBytes = 128 << 10;  // product bytes per tile
 
 template <typename P>
@@ -751,6 +825,57 @@ void write_flags_as(const bool* flags, M* out, int64_t n) {
   }
 }
 
+enum class UpdateBand { kNotTaken, kDone, kKeysWritten };
+
+// band_mask's one-pass selection for update_mask_kernel's whole-block masks of one-row blocks of kWidth
+// columns: the product is scored tile by tile and the new mask written over the old one straight away,
+// with every block's key also stored to `keys`. kDone: the mask is finished. kKeysWritten: the band
+// missed; the mask is partly written and `keys` holds every block's key, from which a whole-block mask
+// can be written without the (overwritten) old mask. kNotTaken: nothing was written.
+// product_row(row, col, n, out) writes the product of the row's elements [col, col + n) to out.
+template <int kWidth, typename S, typename M, class ProductRow>
+UpdateBand update_band(const Plan<S>& whole, int64_t k, int64_t tile_rows, const ProductRow& product_row, M* mask,
+                       int64_t mask_ld, uint32_t* keys) {
+  const BlockGrid& g = whole.grid;
+  const auto sample_run = [&](int64_t first, uint32_t* run_keys) {
+    S run[kBandRun * kWidth];
+    for (int64_t j = 0; j < kBandRun; ++j) {
+      const int64_t row = (first + j) / g.grid_cols;
+      product_row(row, (first + j - row * g.grid_cols) * kWidth, kWidth, run + j * kWidth);
+    }
+    Plan<S> plan = whole;
+    plan.data = run;
+    plan.ld = kBandRun * kWidth;
+    plan.grid = make_block_grid(1, kBandRun * kWidth, 1, kWidth);
+    score_run(plan, 0, run_keys);
+  };
+  Band band;
+  if (!sample_band(g.num_blocks(), k, sample_run, band)) return UpdateBand::kNotTaken;
+  const int64_t num_tiles = (g.rows + tile_rows - 1) / tile_rows;
+  std::vector<BandTask> tasks(num_tiles);
+  for (BandTask& task : tasks) task.cap = tile_rows * g.grid_cols / 8 + 64;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<S> buffer(tile_rows * g.cols);
+    std::unique_ptr<bool[]> keep(new bool[tile_rows * g.cols]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, g.rows - r0);
+      for (int64_t r = 0; r < rows; ++r) product_row(r0 + r, 0, g.cols, buffer.data() + r * g.cols);
+      const Plan<S> plan = tile_plan(whole, buffer.data(), r0, rows);
+      band_blocks<ZeroMode::kWholeBlock, kWidth>(plan, band, 0, plan.grid.num_blocks(), buffer.data(), keep.get(),
+                                                 r0 * g.grid_cols, keys, tasks[t]);
+      for (int64_t r = 0; r < rows; ++r) write_flags_as(keep.get() + r * g.cols, mask + (r0 + r) * mask_ld, g.cols);
+    }
+  });
+  std::vector<uint32_t> band_keys;
+  std::vector<uint8_t> selected;
+  if (!select_in_band(tasks, k, band_keys, selected)) return UpdateBand::kKeysWritten;
+  for_each_selected_record(tasks, selected, [&](int64_t block) {
+    const int64_t row = block / g.grid_cols;
+    std::fill_n(mask + row * mask_ld + (block - row * g.grid_cols) * kWidth, kWidth, M(0));
+  });
+  return UpdateBand::kDone;
+}
+
 // T data, M mask, P = the dtype of mask * data (M is bool, T or float).
 template <typename T, typename M, typename P>
 void update_mask_kernel(const T* data, int64_t ld, M* mask, int64_t mask_ld, const BlockGrid& grid,
@@ -770,29 +895,41 @@ void update_mask_kernel(const T* data, int64_t ld, M* mask, int64_t mask_ld, con
   const int64_t row_bytes = std::max<int64_t>(1, grid.cols * static_cast<int64_t>(sizeof(P)));
   const int64_t tile_rows = std::max<int64_t>(1, kUpdateTileBytes / row_bytes / grid.block_rows) * grid.block_rows;
   const int64_t num_tiles = (grid.rows + tile_rows - 1) / tile_rows;
-  const auto product = [&](int64_t r0, int64_t rows, P* out) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = data + (r0 + r) * ld;
-      const M* m = mask + (r0 + r) * mask_ld;
-      P* o = out + r * grid.cols;
-      for (int64_t c = 0; c < grid.cols; ++c) o[c] = static_cast<P>(static_cast<float>(m[c]) * static_cast<float>(x[c]));
-    }
-  };
   using S = typename Storage<P>::type;
+  const auto product_row = [&](int64_t row, int64_t col, int64_t n, S* out_storage) {
+    const T* x = data + row * ld + col;
+    const M* m = mask + row * mask_ld + col;
+    P* out = reinterpret_cast<P*>(out_storage);
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<P>(static_cast<float>(m[c]) * static_cast<float>(x[c]));
+  };
+  const auto product = [&](int64_t r0, int64_t rows, P* out) {
+    for (int64_t r = 0; r < rows; ++r) product_row(r0 + r, 0, grid.cols, reinterpret_cast<S*>(out + r * grid.cols));
+  };
   Plan<S> whole{nullptr, grid.cols, grid, zeros_per_block, norm, all_selected};
   const at::Tensor keys = all_selected ? at::Tensor() : at::empty({num_blocks}, at::TensorOptions().dtype(at::kInt));
   if (!all_selected) {
     uint32_t* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-    at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<P> buffer(tile_rows * grid.cols);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, grid.rows - r0);
-        product(r0, rows, buffer.data());
-        Plan<S> plan = tile_plan(whole, reinterpret_cast<S*>(buffer.data()), r0, rows);
-        uint32_t* tile_keys = key_data + r0 / grid.block_rows * grid.grid_cols;
-        block_scores(plan, 0, plan.grid.num_blocks(), [tile_keys](int64_t i, float mean) { tile_keys[i] = order_key(mean); });
+    UpdateBand band = UpdateBand::kNotTaken;
+    if (mode == ZeroMode::kWholeBlock && grid.block_rows == 1 && num_blocks >= kBandMinBlocks) {
+      if (grid.block_cols == 4 && grid.cols % 4 == 0) {
+        band = update_band<4>(whole, k, tile_rows, product_row, mask, mask_ld, key_data);
+      } else if (grid.block_cols == 8 && grid.cols % 8 == 0) {
+        band = update_band<8>(whole, k, tile_rows, product_row, mask, mask_ld, key_data);
       }
-    });
+    }
+    if (band == UpdateBand::kDone) return;
+    if (band == UpdateBand::kNotTaken) {
+      at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<P> buffer(tile_rows * grid.cols);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, grid.rows - r0);
+          product(r0, rows, buffer.data());
+          Plan<S> plan = tile_plan(whole, reinterpret_cast<S*>(buffer.data()), r0, rows);
+          uint32_t* tile_keys = key_data + r0 / grid.block_rows * grid.grid_cols;
+          block_scores(plan, 0, plan.grid.num_blocks(), [tile_keys](int64_t i, float mean) { tile_keys[i] = order_key(mean); });
+        }
+      });
+    }
     const cpu::Chunking chunks = cpu::make_chunking(num_blocks, kScoreGrain);
     const auto key_at = [key_data](int64_t i) { return key_data[i]; };
     const RadixState state = cpu::radix_select(chunks, key_at, k, nullptr);

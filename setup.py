@@ -7,9 +7,13 @@ Environment overrides (read at build time):
                            are set: a build machine needs no GPU)
   SPARSITY_EXT_NO_CUDA=1   skip the CUDA kernels even where they could be built
   TORCH_CUDA_ARCH_LIST     GPU architectures (default "9.0" here: the H100 this project targets)
+  SPARSITY_EXT_CPU_ARCH    -march of the C++ CPU kernels: default x86-64-v3 (AVX2) on an x86-64 Linux machine
+                           whose CPU has it, none elsewhere; "none" for the compiler's baseline (to run the
+                           build on older CPUs), or any -march value such as "native"
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -19,6 +23,34 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _log(msg: str) -> None:
     print(f"[sparsity_ext setup] {msg}", file=sys.stderr)
+
+
+# x86-64-v3's CPU features, as /proc/cpuinfo names them (sparsity_ext/_extension.py checks them at import).
+X86_64_V3_FLAGS = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm")
+
+
+def _cpu_arch() -> str | None:
+    """-march for the CPU kernels. x86-64-v3 by default where this machine runs it: the kernels' loops over
+    blocks vectorize in 8 lanes instead of SSE2's 4 (2:4 masks ~1.5x faster). Results are the same: no
+    -ffast-math, no contraction (-ffp-contract=off), so every float operation rounds as before."""
+    arch = os.environ.get("SPARSITY_EXT_CPU_ARCH")
+    if arch is not None:
+        return None if arch in ("", "none") else arch
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "x86-64-v3" if all(flag in flags for flag in X86_64_V3_FLAGS) else None
+
+
+def _write_build_config(cpu_arch: str | None) -> None:
+    """sparsity_ext/_build_config.py: what _extension.py checks before it loads the kernels."""
+    with open(os.path.join(ROOT, "sparsity_ext", "_build_config.py"), "w") as f:
+        f.write('"""Written by setup.py when it builds sparsity_ext._C."""\n'
+                f"CPU_ARCH = {cpu_arch!r}\nCPU_ARCH_FLAGS = {X86_64_V3_FLAGS if cpu_arch == 'x86-64-v3' else ()!r}\n")
 
 
 def _extensions():
@@ -50,6 +82,11 @@ def _extensions():
     # for (C++20 in current releases). Forcing an older one compiled, but an extension whose c10 types
     # disagree with libc10's crashed on the first TORCH_CHECK that threw (seen with torch 2.11 on a GPU).
     cxx_flags = ["-O3", "-ffp-contract=off"]
+    cpu_arch = _cpu_arch()
+    if cpu_arch:
+        cxx_flags.append(f"-march={cpu_arch}")
+    _write_build_config(cpu_arch)
+    _log(f"CPU kernels for -march={cpu_arch or '(compiler default)'}")
     extra_link = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for's OpenMP pragmas live in the headers

@@ -9,10 +9,30 @@ BUILD_HINT = (
     "(needs a C++ compiler; CUDA kernels also need a CUDA build of torch and nvcc)"
 )
 
+
+
+def _missing_cpu_features() -> list[str]:
+    """The CPU features the kernels were built for (setup.py's -march) that this CPU lacks: loading them
+    there would die of an illegal instruction, so they are not loaded."""
+    try:
+        from sparsity_ext._build_config import CPU_ARCH_FLAGS
+    except ImportError:  # built otherwise (CMake): nothing recorded to check
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return []
+    return [] if flags is None else [flag for flag in CPU_ARCH_FLAGS if flag not in flags]
+
+
 load_error: str | None = None
 try:
     if os.environ.get("SPARSITY_EXT_USE_CPP", "1") == "0":
         raise ImportError("disabled by SPARSITY_EXT_USE_CPP=0")
+    if missing := _missing_cpu_features():
+        raise ImportError(f"built for a CPU with {', '.join(missing)}, which this one lacks; rebuild it here "
+                          f"(SPARSITY_EXT_CPU_ARCH=none builds for any x86-64)")
     from sparsity_ext import _C  # noqa: F401  (imported for its op registrations)
     from sparsity_ext import _fake  # noqa: F401
 except ImportError as exc:  # never break import: the reference ops serve every call

@@ -87,3 +87,20 @@ def test_cli_info_runs():
     proc = _run_python("from sparsity_ext.cli import main; main(['info'])")
     assert proc.returncode == 0, proc.stderr
     assert "block_norm_mask" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's features from /proc/cpuinfo")
+def test_kernels_built_for_missing_cpu_features_are_not_loaded(monkeypatch):
+    """setup.py records the CPU features its -march needs; a CPU without them must get the reference ops (and
+    a message saying why), never an illegal-instruction crash on import."""
+    import types
+    with open("/proc/cpuinfo") as f:
+        present = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))[0]
+    monkeypatch.setitem(sys.modules, "sparsity_ext._build_config",
+                        types.SimpleNamespace(CPU_ARCH_FLAGS=(present, "no_such_cpu_feature")))
+    assert sparsity_ext._extension._missing_cpu_features() == ["no_such_cpu_feature"]
+    code = ("import sys, types; sys.modules['sparsity_ext._build_config'] = "
+            "types.SimpleNamespace(CPU_ARCH_FLAGS=('no_such_cpu_feature',)); import warnings; "
+            "warnings.simplefilter('ignore'); import sparsity_ext; print(sparsity_ext._extension.load_error)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "no_such_cpu_feature" in out and "rebuild" in out

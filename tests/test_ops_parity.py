@@ -93,6 +93,22 @@ def test_block_norm_mask_matches_reference(backend, device, dtype, shape, kind):
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_value_scores_exactly(backend, device, dtype):
+    """Each of the 65,536 bit patterns (subnormals, infinities, NaNs included) as a (1, 1) block: its score
+    is the value itself in fp32 (the kernels convert 16-bit floats by hand), its L1/L2 norms as torch's."""
+    _require(backend, device)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(256, 256).to(device)
+    for norm in (0, 1, 2):
+        expected = reference.block_scores(x, (1, 1), norm)
+        with sparsity_ext.use_backend(backend):
+            got = ops.block_scores(x, (1, 1), norm)
+        same = (got == expected) | (got.isnan() & expected.isnan())
+        assert bool(same.all()), norm
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "column_slice"])

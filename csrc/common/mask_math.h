@@ -56,19 +56,21 @@ SPX_HD float to_float(bf16_storage x) { return bits_to_float(static_cast<uint32_
 SPX_HD float to_float(half_storage x) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(x.bits));
-#elif defined(__F16C__) && defined(__FLT16_MAX__) && !defined(__CUDACC__)
-  // The CPU's conversion (F16C, in an -march=x86-64-v3 build): exact as well, and loops over it vectorize.
-  // It quiets signalling NaNs, which no key tells apart.
-  return static_cast<float>(__builtin_bit_cast(_Float16, x.bits));
 #else
-  // IEEE binary16 -> binary32, exact for every input (including subnormals, inf and NaN).
+  // IEEE binary16 -> binary32, exact for every input (including subnormals, inf and NaN). All three cases
+  // are computed and one picked with bit masks (not selects, which trapping-math keeps as branches), so
+  // that CPU loops over elements vectorize; subnormals as mantissa * 2^-24 from a normal float, which
+  // flush-to-zero modes leave alone.
   const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
   const uint32_t exponent = (x.bits >> 10) & 0x1fu;
   const uint32_t mantissa = x.bits & 0x3ffu;
-  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-  // zero or subnormal: mantissa * 2^-24 is exact in fp32
-  return bits_to_float(sign | float_to_bits(static_cast<float>(mantissa) * 5.9604644775390625e-08f));
+  const uint32_t special = 0x7f800000u | (mantissa << 13);
+  const uint32_t normal = ((exponent + 112u) << 23) | (mantissa << 13);
+  const uint32_t subnormal = float_to_bits(static_cast<float>(static_cast<int32_t>(mantissa)) * 5.9604644775390625e-08f);
+  const uint32_t is_special = 0u - static_cast<uint32_t>(exponent == 0x1fu);
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(exponent == 0u);
+  return bits_to_float(sign | (special & is_special) | (subnormal & is_subnormal) |
+                       (normal & ~(is_special | is_subnormal)));
 #endif
 }
 

@@ -14,6 +14,7 @@ Environment overrides (read at build time):
 import glob
 import os
 import platform
+import subprocess
 import sys
 
 from setuptools import setup
@@ -43,7 +44,16 @@ def _cpu_arch() -> str | None:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return None
-    return "x86-64-v3" if all(flag in flags for flag in X86_64_V3_FLAGS) else None
+    if not all(flag in flags for flag in X86_64_V3_FLAGS):
+        return None
+    # GCC < 11 and clang < 12 do not know the name: build for the baseline rather than fail
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        probe = subprocess.run([compiler, "-march=x86-64-v3", "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+                               capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return "x86-64-v3" if probe.returncode == 0 else None
 
 
 def _write_build_config(cpu_arch: str | None) -> None:

@@ -10,7 +10,6 @@ BUILD_HINT = (
 )
 
 
-
 def _missing_cpu_features() -> list[str]:
     """The CPU features the kernels were built for (setup.py's -march) that this CPU lacks: loading them
     there would die of an illegal instruction, so they are not loaded."""

@@ -4,6 +4,7 @@ Every op has a "reference" implementation (pure torch, the oracle). Compiled and
 register theirs with `register`. "auto" (the default) picks, for the tensor's device type, the first
 backend in AUTO_ORDER that is available and supports the dtype; an explicit choice
 (`use_backend(name)` or SPARSITY_EXT_BACKEND=name) uses that backend or raises why it cannot.
+Meta (shape-only) tensors always get the op's fake implementation (sparsity_ext._fake), whatever the choice.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import threading
 from typing import Callable, Iterator
 
 import torch
+
+from . import _fake
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 AUTO_ORDER = {
@@ -85,6 +88,8 @@ def _why_not(op: str, backend: str, impl: Impl | None, device: torch.device, dty
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
     """(backend name, implementation) that runs `op` for a tensor on `device` with `dtype`."""
+    if device.type == "meta":  # shapes only, like torch's own ops on meta tensors: in-place ops do nothing
+        return "meta", _fake.FAKES[op]
     impls = _registry.get(op, {})
     chosen = current_backend()
     if chosen != "auto":

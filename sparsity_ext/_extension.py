@@ -33,7 +33,8 @@ try:
         raise ImportError(f"built for a CPU with {', '.join(missing)}, which this one lacks; rebuild it here "
                           f"(SPARSITY_EXT_CPU_ARCH=none builds for any x86-64)")
     from sparsity_ext import _C  # noqa: F401  (imported for its op registrations)
-    from sparsity_ext import _fake  # noqa: F401
+    from sparsity_ext import _fake
+    _fake.register_with_torch()
 except ImportError as exc:  # never break import: the reference ops serve every call
     load_error = str(exc)
     warnings.warn(f"sparsity_ext: compiled kernels unavailable ({load_error}); using the pure-torch reference "

@@ -1,7 +1,25 @@
-"""Fake (meta) implementations of the compiled ops, so torch.compile and torch.export trace them."""
+"""Fake (shape-only) implementations of every op: registered as the compiled ops' fakes, so torch.compile and
+torch.export trace them, and run by the dispatch (sparsity_ext._backend.resolve) for meta tensors, whether or
+not the extension is built. In-place ops do nothing there, as torch's own ops on meta tensors."""
 import math
+from typing import Callable
 
 import torch
+
+FAKES: dict[str, Callable] = {}  # op name -> its fake implementation (the compiled op's signature)
+
+
+def _fake(op: str):
+    def record(fn: Callable) -> Callable:
+        FAKES[op] = fn
+        return fn
+    return record
+
+
+def register_with_torch() -> None:
+    """Register every fake as torch.ops.sparsity_ext.<op>'s (needs the compiled extension's op schemas)."""
+    for op, fn in FAKES.items():
+        torch.library.register_fake(f"sparsity_ext::{op}")(fn)
 
 
 def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -10,64 +28,64 @@ def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
     return data.new_empty(data.shape, dtype=torch.bool)
 
 
-@torch.library.register_fake("sparsity_ext::block_norm_mask")
+@_fake("block_norm_mask")
 def _block_norm_mask_fake(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
     return _mask_like(data, packed)
 
 
-@torch.library.register_fake("sparsity_ext::block_norm_mask_apply_")
+@_fake("block_norm_mask_apply_")
 def _block_norm_mask_apply_fake(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
     return _mask_like(data, packed)
 
 
-@torch.library.register_fake("sparsity_ext::block_scores")
+@_fake("block_scores")
 def _block_scores_fake(data, block_shape, norm):
     num_blocks = -(-data.shape[0] // block_shape[0]) * -(-data.shape[1] // block_shape[1])
     return data.new_empty((num_blocks,), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparsity_ext::block_norm_mask_select")
+@_fake("block_norm_mask_select")
 def _block_norm_mask_select_fake(data, scores, threshold, ties, block_shape, zeros_per_block, norm, packed=False):
     return _mask_like(data, packed)
 
 
-@torch.library.register_fake("sparsity_ext::block_norm_mask_into_")
+@_fake("block_norm_mask_into_")
 def _block_norm_mask_into_fake(data, mask, sparsity_level, block_shape, zeros_per_block, norm):
     return None
 
 
-@torch.library.register_fake("sparsity_ext::block_norm_mask_update_")
+@_fake("block_norm_mask_update_")
 def _block_norm_mask_update_fake(data, mask, sparsity_level, block_shape, zeros_per_block, norm):
     return None
 
 
-@torch.library.register_fake("sparsity_ext::nm_mask")
+@_fake("nm_mask")
 def _nm_mask_fake(data, n, m):
     return _mask_like(data, False)
 
 
-@torch.library.register_fake("sparsity_ext::select_threshold")
+@_fake("select_threshold")
 def _select_threshold_fake(values, k):
     return values.new_empty(()), values.new_empty((), dtype=torch.int64)
 
 
-@torch.library.register_fake("sparsity_ext::apply_mask_")
+@_fake("apply_mask_")
 def _apply_mask_fake(data, mask):
     return None
 
 
-@torch.library.register_fake("sparsity_ext::pack_mask")
+@_fake("pack_mask")
 def _pack_mask_fake(mask):
     return _mask_like(mask, True)
 
 
-@torch.library.register_fake("sparsity_ext::unpack_mask")
+@_fake("unpack_mask")
 def _unpack_mask_fake(packed, shape):
     assert packed.numel() == (math.prod(shape) + 7) // 8
     return packed.new_empty(shape, dtype=torch.bool)
 
 
-@torch.library.register_fake("sparsity_ext::sparsify_24_pack")
+@_fake("sparsify_24_pack")
 def _sparsify_24_pack_fake(data):
     # values (rows, cols/2); metadata: one int16 per 16 columns, or for int8 data one int32 per 32
     rows, cols = data.shape

@@ -25,6 +25,8 @@ original method, so behaviour never changes: a custom norm callable, overridden 
 raises its own error), DataNormSparsifier data that torch.ao.pruning's squeeze reshapes (1-D, one
 column), WeightNormSparsifier's partial edge blocks with zeros_per_block smaller than the block, and
 NearlyDiagonalSparsifier on a tensor with more than one parametrization or with a nearliness it rejects.
+On meta (shape-only) tensors the ops return shape-only results (sparsity_ext._fake), so a step there gives
+torch.ao.pruning's mask shape, dtype and device, as the original does.
 
 Usage::
 

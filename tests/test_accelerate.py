@@ -400,3 +400,32 @@ def test_nearly_diagonal_with_a_second_parametrization_falls_back():
 
     expected, got = both_ways(run)
     assert_same_snapshots(expected, got)
+
+
+# ------------------------------------------------------------------------------------ meta device
+def _meta_masks():
+    """The masks torch.ao.pruning's three sparsifiers give after two steps on meta (shape-only) tensors."""
+    masks = []
+    for args in (dict(sparsity_level=0.5), dict(sparsity_level=0.5, zeros_per_block=2)):
+        model = nn.Linear(32, 16, device="meta")
+        sparsifier = ao.WeightNormSparsifier(**args)
+        sparsifier.prepare(model, [{"tensor_fqn": "weight"}])
+        sparsifier.step()
+        sparsifier.step()
+        masks.append(model.parametrizations.weight[0].mask)
+    data_sparsifier = DataNormSparsifier(sparsity_level=0.5)
+    data_sparsifier.add_data("e", torch.randn(16, 32, device="meta"))
+    data_sparsifier.step()
+    masks.append(data_sparsifier.get_mask("e"))
+    model = nn.Linear(10, 8, device="meta")
+    diagonal = ao.NearlyDiagonalSparsifier(nearliness=3)
+    diagonal.prepare(model, [{"tensor_fqn": "weight"}])
+    diagonal.step()
+    masks.append(model.parametrizations.weight[0].mask)
+    return masks
+
+
+def test_meta_models_step_as_unpatched():
+    expected, got = both_ways(_meta_masks)
+    assert [(m.device.type, m.shape, m.dtype) for m in got] == [(m.device.type, m.shape, m.dtype) for m in expected]
+    assert all(m.device.type == "meta" for m in got)

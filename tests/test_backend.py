@@ -104,3 +104,61 @@ def test_kernels_built_for_missing_cpu_features_are_not_loaded(monkeypatch):
             "warnings.simplefilter('ignore'); import sparsity_ext; print(sparsity_ext._extension.load_error)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "no_such_cpu_feature" in out and "rebuild" in out
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+def _meta_cases():
+    """(op name, call) pairs: each call takes a tensor conversion (identity or _meta) and runs one op.
+    (sparsify_24_pack is left out: the semi-structured layout checks ask for a CPU or CUDA tensor.)"""
+    data = torch.randn(6, 10)
+    mask = ops.block_norm_mask(data, 0.5, (2, 2))
+    scores = ops.block_scores(data, (2, 2))
+    packed = ops.pack_mask(mask)
+    return [
+        ("block_norm_mask", lambda to: ops.block_norm_mask(to(data), 0.5, (2, 2))),
+        ("block_norm_mask packed", lambda to: ops.block_norm_mask(to(data), 0.5, (2, 2), packed=True)),
+        ("block_norm_mask_apply_", lambda to: ops.block_norm_mask_apply_(to(data.clone()), 0.5, (2, 2))),
+        ("block_norm_mask_into_", lambda to: ops.block_norm_mask_into_(to(data), to(mask.clone()), 0.5, (2, 2))),
+        ("block_norm_mask_update_",
+         lambda to: ops.block_norm_mask_update_(to(data), to(mask.float()), 0.5, (2, 2))),
+        ("block_scores", lambda to: ops.block_scores(to(data), (2, 2))),
+        ("block_norm_mask_select", lambda to: ops.block_norm_mask_select(to(data), to(scores), 1.0, 0, (2, 2))),
+        ("nm_mask", lambda to: ops.nm_mask(to(data), 2, 4)),
+        ("select_threshold", lambda to: ops.select_threshold(to(data.view(-1)), 7)),
+        ("apply_mask_", lambda to: ops.apply_mask_(to(data.clone()), to(mask))),
+        ("pack_mask", lambda to: ops.pack_mask(to(mask))),
+        ("unpack_mask", lambda to: ops.unpack_mask(to(packed), (6, 10))),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cuda"])
+@pytest.mark.parametrize("case", range(12))
+def test_meta_tensors_run_the_fake_and_give_the_real_shapes(case, backend):
+    """Shape-only (meta) tensors, as in a model built on the meta device: every op returns what it would on
+    real tensors, in shape and dtype, on meta, whichever backend is chosen (like torch's own ops on meta)."""
+    name, call = _meta_cases()[case]
+    real = call(lambda t: t)
+    with sparsity_ext.use_backend(backend):
+        fake = call(_meta)
+    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+    assert len(fake) == len(real), name
+    for want, got in zip(real, fake):
+        assert got.device.type == "meta", name
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), name
+
+
+def test_meta_tensors_still_get_argument_errors():
+    data, mask = torch.empty(6, 10, device="meta"), torch.empty(6, 10, device="meta", dtype=torch.bool)
+    with pytest.raises(ValueError, match="sparsity_level must be in"):
+        ops.block_norm_mask(data, 1.5, (2, 2))
+    with pytest.raises(ValueError, match="zeros_per_block"):
+        ops.block_norm_mask_update_(data, mask, 0.5, (2, 2), zeros_per_block=5)
+    with pytest.raises(ValueError, match="mask shape"):
+        ops.block_norm_mask_update_(data, mask[:3], 0.5, (2, 2))
+    with pytest.raises(ValueError, match="mask is on"):
+        ops.apply_mask_(data, torch.ones(6, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="n must be in"):
+        ops.nm_mask(data, 5, 4)

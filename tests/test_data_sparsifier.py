@@ -565,6 +565,25 @@ def test_empty_data():
     assert sparsifier.get_data("e", return_original=False).shape == (0, 4)
 
 
+@pytest.mark.parametrize("mask_dtype", [None, *LEAN])
+@pytest.mark.parametrize("config", [{}, {"sparse_block_shape": (2, 2), "zeros_per_block": 2}])
+def test_meta_data_gives_the_masks_shape(mask_dtype, config):
+    """Data on the meta device (shapes only) steps as under torch.ao.pruning (its mask there: int8 meta of the
+    data's shape); our mask has the format and dtype the same step gives on the CPU."""
+    def mask_after_step(cls, device, **kwargs):
+        sparsifier = cls(sparsity_level=0.5, **kwargs)
+        sparsifier.add_data("e", torch.randn(16, 32, device=device), **config)
+        sparsifier.step()
+        return sparsifier.get_mask("e")
+
+    ours = mask_after_step(DataNormSparsifier, "meta", mask_dtype=mask_dtype)
+    on_cpu = mask_after_step(DataNormSparsifier, "cpu", mask_dtype=mask_dtype)
+    assert ours.device.type == "meta" and (ours.shape, ours.dtype) == (on_cpu.shape, on_cpu.dtype)
+    if mask_dtype is None:
+        theirs = mask_after_step(TorchDataNormSparsifier, "meta")
+        assert ours.shape == theirs.shape
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="norm"):

@@ -114,3 +114,15 @@ def test_non_2d_weights_are_rejected():
     with pytest.raises(ValueError, match="2-D"):
         sparsity_ext.NearlyDiagonalSparsifier(nearliness=1).prepare(conv, [{"tensor_fqn": "0.weight"}])
     assert_same_snapshot(before, snapshot(conv))
+
+
+def test_meta_model_gives_torch_ao_mask_shape():
+    def mask_after_step(lib):
+        model = nn.Linear(10, 8, device="meta")
+        sparsifier = lib.NearlyDiagonalSparsifier(nearliness=3)
+        sparsifier.prepare(model, [{"tensor_fqn": "weight"}])
+        sparsifier.step()
+        return model.parametrizations.weight[0].mask
+
+    ours, theirs = mask_after_step(sparsity_ext), mask_after_step(tao)
+    assert ours.device.type == "meta" and (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)

@@ -262,3 +262,40 @@ def test_steps_on_a_weight_of_many_row_tiles_equal_torch_ao(block, zeros):
             sparsifier.groups[0]["sparsity_level"] = level
             sparsifier.step()
         assert torch.equal(_mask(ours_model), _mask(theirs_model)), level
+
+
+META_MODULES = {"linear": lambda device: nn.Linear(32, 16, device=device),
+                "conv": lambda device: nn.Conv2d(8, 4, 3, device=device)}
+
+
+@pytest.mark.parametrize("make", sorted(META_MODULES))
+@pytest.mark.parametrize("args", [dict(sparsity_level=0.5), dict(sparsity_level=0.5, zeros_per_block=2),
+                                  dict(sparsity_level=0.7, sparse_block_shape=(2, 2), norm=lambda t: t.abs())])
+def test_steps_on_a_meta_model_give_the_masks_shape(make, args):
+    """A model on the meta device (shapes only) steps as under torch.ao.pruning: the mask keeps the weight's shape
+    and the dtype the same step gives on the CPU (torch.ao.pruning's own mask dtypes are not followed anyway:
+    ours keeps its float32 mask where torch.ao.pruning's logical_or makes it bool)."""
+    def mask_after_steps(lib, device):
+        model = META_MODULES[make](device)
+        sparsifier = lib.WeightNormSparsifier(**args)
+        sparsifier.prepare(model, [{"tensor_fqn": "weight"}])
+        sparsifier.step()
+        sparsifier.step()
+        return model.parametrizations.weight[0].mask
+
+    ours, on_cpu = mask_after_steps(sparsity_ext, "meta"), mask_after_steps(sparsity_ext, "cpu")
+    assert ours.device.type == "meta"
+    assert (ours.shape, ours.dtype) == (on_cpu.shape, on_cpu.dtype)
+    if make == "linear":  # torch.ao.pruning cannot sparsify 4-D conv weights, on any device
+        assert ours.shape == mask_after_steps(tao, "meta").shape
+
+
+def test_bad_arguments_on_a_meta_model_still_raise():
+    model = nn.Linear(32, 16, device="meta")
+    sparsifier = sparsity_ext.WeightNormSparsifier(sparsity_level=0.5)
+    with pytest.raises(ValueError, match="zeros_per_block"):
+        sparsifier.prepare(model, [{"tensor_fqn": "weight", "zeros_per_block": 9}])
+    sparsifier.prepare(model, [{"tensor_fqn": "weight"}])
+    sparsifier.groups[0]["sparsity_level"] = 1.5  # as a scheduler could set it
+    with pytest.raises(ValueError, match="sparsity_level must be in"):
+        sparsifier.step()

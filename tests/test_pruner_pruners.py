@@ -248,3 +248,76 @@ def test_pruner_scores_on_cuda_match_cpu(make_pruner):
         pruner.step()
         masks.append(pruner.state["0.weight"]["mask"].cpu())
     assert torch.equal(masks[0], masks[1])
+
+
+# --------------------------------------------------------------------------------- load_state_dict
+STATE_DICT_CASES = {
+    "saliency": (lambda: SaliencyPruner({"sparsity_level": 0.5}), lambda: zoo.LinearBiasChain(),
+                 ["seq.0.weight", "seq.2.weight"], (3, 7)),
+    "fpgm": (lambda: FPGMPruner(0.5), lambda: zoo.ConvActivationChain().eval(),
+             ["seq.0.weight", "seq.2.weight", "conv1.weight"], (2, 1, 16, 16)),
+    "lstm-saliency": (lambda: LSTMSaliencyPruner({"sparsity_level": 0.5}), lambda: zoo.LSTMLinear(8, 8, 6, 2).eval(),
+                      [f"lstm.weight_{kind}_l{i}" for i in range(2) for kind in ("ih", "hh")], (5, 3, 8)),
+}
+
+
+def _stepped(case, fqns=None):
+    """(pruner, model) of the case on a fresh model (the same weights every call): prepared on the case's
+    tensors and stepped once, or, when `fqns` is given, prepared on those and not stepped (all rows kept)."""
+    make_pruner, make_model, case_fqns, _ = STATE_DICT_CASES[case]
+    torch.manual_seed(0)
+    model = with_tie_free_weights(make_model())
+    pruner = make_pruner()
+    pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in (fqns or case_fqns)])
+    if fqns is None:
+        pruner.step()
+    return pruner, model
+
+
+@pytest.mark.parametrize("case", sorted(STATE_DICT_CASES))
+def test_pruner_loads_its_own_state_dict(case):
+    """A fresh pruner prepared on an identical model takes the row masks (torch.ao.pruning's pruners stack a
+    second, weight-shaped mask instead): same masks, same masked output, same pruned model."""
+    fqns, x_shape = STATE_DICT_CASES[case][2], STATE_DICT_CASES[case][3]
+    x = torch.randn(x_shape)
+    saved, saved_model = _stepped(case)
+    loaded, loaded_model = _stepped(case, fqns=fqns)
+    loaded.load_state_dict(saved.state_dict())
+    for fqn in fqns:
+        module_fqn, _, tensor_name = fqn.rpartition(".")
+        parametrizations = loaded_model.get_submodule(module_fqn).parametrizations[tensor_name]
+        assert len(parametrizations) == 1 and parametrizations[0].mask is loaded.state[fqn]["mask"]
+        assert torch.equal(loaded.state[fqn]["mask"], saved.state[fqn]["mask"])
+        assert not loaded.state[fqn]["mask"].all()
+    torch.testing.assert_close(loaded_model(x), saved_model(x), **TOL)
+    loaded_pruned, saved_pruned = loaded.prune(), saved.prune()
+    assert ({n: p.shape for n, p in loaded_pruned.named_parameters()}
+            == {n: p.shape for n, p in saved_pruned.named_parameters()})
+    torch.testing.assert_close(loaded_pruned(x), saved_pruned(x), **TOL)
+
+
+def test_pruner_state_dict_loads_into_tensors_it_did_not_prepare():
+    x = torch.randn(3, 7)
+    saved, saved_model = _stepped("saliency")
+    loaded, loaded_model = _stepped("saliency", fqns=["seq.0.weight"])  # seq.2 not prepared
+    loaded.load_state_dict(saved.state_dict())
+    assert torch.equal(loaded.state["seq.2.weight"]["mask"], saved.state["seq.2.weight"]["mask"])
+    torch.testing.assert_close(loaded_model(x), saved_model(x), **TOL)
+    torch.testing.assert_close(loaded.prune()(x), saved.prune()(x), **TOL)
+
+
+@pytest.mark.parametrize("bad_mask", [torch.ones(5, dtype=torch.bool), torch.ones(8, 4, dtype=torch.bool),
+                                      torch.ones(8), "not a tensor"])
+def test_pruner_load_state_dict_rejects_a_bad_row_mask_before_changing_anything(bad_mask):
+    saved, _ = _stepped("saliency")
+    loaded, model = _stepped("saliency", fqns=STATE_DICT_CASES["saliency"][2])
+    state_dict = saved.state_dict()
+    state_dict["state"] = {**state_dict["state"], "seq.2.weight": {"mask": bad_mask}}
+    masks = {fqn: (s["mask"], s["mask"].clone()) for fqn, s in loaded.state.items()}
+    groups = loaded.groups
+    with pytest.raises((ValueError, TypeError), match="seq.2.weight"):
+        loaded.load_state_dict(state_dict)
+    assert loaded.groups is groups
+    for fqn, (buffer, before) in masks.items():
+        assert loaded.state[fqn]["mask"] is buffer and torch.equal(buffer, before)
+    assert len(model.seq[0].parametrizations.weight) == 1

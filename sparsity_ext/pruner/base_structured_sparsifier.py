@@ -224,6 +224,10 @@ class BaseStructuredSparsifier(BaseSparsifier):
 
     Workflow: prepare(model, config) -> step() (masks) -> prune() (a torch.fx GraphModule sharing the
     model's modules, with the pruned rows removed and the following layers shrunk to match).
+
+    load_state_dict takes a pruner's state_dict (its row masks are checked, then copied into the
+    FakeStructuredSparsity masks); torch.ao.pruning's pruners cannot load their own, they stack a second,
+    weight-shaped FakeSparsity on each tensor.
     """
 
     def __init__(self, defaults: dict[str, Any] | None, patterns: dict[Pattern, Callable[..., None]] | None = None):
@@ -316,18 +320,43 @@ class BaseStructuredSparsifier(BaseSparsifier):
             pending.append((group, mask))
 
         for group, mask in pending:
-            module, tensor_name = group["module"], group["tensor_name"]
-            parametrization = group.get("parametrization", FakeStructuredSparsity)(mask)
             self.state[group["tensor_fqn"]]["mask"] = mask
-            parametrize.register_parametrization(module, tensor_name, parametrization)
-            if tensor_name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)):
-                prune_bias = group.get("prune_bias", True)
-                if module.bias is not None:
-                    # The bias moves to `_bias`, added back (masked when prune_bias) by the BiasHook.
-                    module.register_parameter("_bias", nn.Parameter(module.bias.detach()))
-                    module.bias = None
-                    module.prune_bias = prune_bias
-                module.register_forward_hook(BiasHook(parametrization, prune_bias))
+            self._attach(group["module"], group["tensor_name"], group, mask)
+
+    @staticmethod
+    def _attach(module: nn.Module, tensor_name: str, group: dict[str, Any], mask: torch.Tensor) -> None:
+        """Registers the group's parametrization (default FakeStructuredSparsity) with `mask` on
+        module.<tensor_name>, and for a Linear / Conv2d weight the BiasHook."""
+        parametrization = group.get("parametrization", FakeStructuredSparsity)(mask)
+        parametrize.register_parametrization(module, tensor_name, parametrization)
+        if tensor_name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)):
+            prune_bias = group.get("prune_bias", True)
+            if module.bias is not None:
+                # The bias moves to `_bias`, added back (masked when prune_bias) by the BiasHook.
+                module.register_parameter("_bias", nn.Parameter(module.bias.detach()))
+                module.bias = None
+                module.prune_bias = prune_bias
+            module.register_forward_hook(BiasHook(parametrization, prune_bias))
+
+    # ------------------------------------------------------------------------------ load_state_dict
+    # A pruner's masks have one entry per row, not the tensor's shape: BaseSparsifier.load_state_dict checks
+    # them and finds their buffers through these two hooks.
+    def _check_loaded_mask(self, mask: torch.Tensor, module: nn.Module, tensor_name: str, tensor_fqn: str) -> None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"load_state_dict: the mask of {tensor_fqn!r} must be a torch.Tensor, "
+                            f"got {type(mask).__name__}")
+        rows = self._unmasked({"module": module, "tensor_name": tensor_name}).shape[0]
+        _check_mask(mask, rows, f"load_state_dict: {tensor_fqn}")
+
+    def _mask_buffer_to_load_into(self, module: nn.Module, tensor_name: str, group: dict[str, Any]) -> torch.Tensor:
+        """The tensor's FakeStructuredSparsity mask; one (all True) and its BiasHook are attached if it has none."""
+        try:
+            return structured_mask(module, tensor_name)
+        except ValueError:
+            tensor = self._unmasked({"module": module, "tensor_name": tensor_name})
+            mask = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
+            self._attach(module, tensor_name, group, mask)
+            return mask
 
     # ----------------------------------------------------------------------------------- prune
     def _plan(self, traced: GraphModule) -> list[tuple[Callable[..., None], list]]:

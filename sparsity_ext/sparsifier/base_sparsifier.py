@@ -164,29 +164,42 @@ class BaseSparsifier(abc.ABC):
                     raise RuntimeError(f"Error loading {tensor_fqn} into the model: {exc}") from exc
         for tensor_fqn, saved in state_dict["state"].items():
             if tensor_fqn in found and saved.get("mask") is not None:
-                shape = checked_shape(found[tensor_fqn]["module"], found[tensor_fqn]["tensor_name"], "load_state_dict")
-                if saved["mask"].shape != shape:
-                    raise ValueError(f"load_state_dict: mask of {tensor_fqn!r} has shape {tuple(saved['mask'].shape)}, "
-                                     f"the tensor has shape {tuple(shape)}")
+                self._check_loaded_mask(saved["mask"], found[tensor_fqn]["module"], found[tensor_fqn]["tensor_name"],
+                                        tensor_fqn)
 
+        saved_groups = {group["tensor_fqn"]: group for group in groups}
         state: dict[str, dict] = defaultdict(dict)
         for tensor_fqn, saved in state_dict["state"].items():
             if tensor_fqn not in found:
                 continue
             module, tensor_name = found[tensor_fqn]["module"], found[tensor_fqn]["tensor_name"]
-            fake_sparsity = _find_fake_sparsity(module, tensor_name)
-            if fake_sparsity is None:
-                fake_sparsity = FakeSparsity(torch.ones_like(getattr(module, tensor_name)))
-                parametrize.register_parametrization(module, tensor_name, fake_sparsity)
+            mask_buffer = self._mask_buffer_to_load_into(module, tensor_name, saved_groups.get(tensor_fqn, {}))
             state[tensor_fqn] = dict(saved)
             if saved.get("mask") is not None:
                 with torch.no_grad():
-                    fake_sparsity.mask.copy_(saved["mask"])
-                state[tensor_fqn]["mask"] = fake_sparsity.mask
+                    mask_buffer.copy_(saved["mask"])
+                state[tensor_fqn]["mask"] = mask_buffer
         for group in groups:
             if group["tensor_fqn"] in found:
                 group.update(found[group["tensor_fqn"]])
         self.__setstate__({"state": state, "groups": [g for g in groups if g["tensor_fqn"] in found]})
+
+    def _check_loaded_mask(self, mask: torch.Tensor, module: nn.Module, tensor_name: str, tensor_fqn: str) -> None:
+        """Raises unless a saved mask fits module.<tensor_name> (a mask of the tensor's shape); load_state_dict
+        runs it on every mask before changing anything."""
+        shape = checked_shape(module, tensor_name, "load_state_dict")
+        if mask.shape != shape:
+            raise ValueError(f"load_state_dict: mask of {tensor_fqn!r} has shape {tuple(mask.shape)}, "
+                             f"the tensor has shape {tuple(shape)}")
+
+    def _mask_buffer_to_load_into(self, module: nn.Module, tensor_name: str, group: dict[str, Any]) -> torch.Tensor:
+        """The mask buffer load_state_dict copies module.<tensor_name>'s saved mask into: its FakeSparsity's,
+        registered first (all ones) if it has none. `group` is the tensor's saved group ({} if none)."""
+        fake_sparsity = _find_fake_sparsity(module, tensor_name)
+        if fake_sparsity is None:
+            fake_sparsity = FakeSparsity(torch.ones_like(getattr(module, tensor_name)))
+            parametrize.register_parametrization(module, tensor_name, fake_sparsity)
+        return fake_sparsity.mask
 
     # ------------------------------------------------------------------------------------ prepare
     def make_config_from_model(self, model: nn.Module,

@@ -613,6 +613,39 @@ def test_bad_add_data():
             call()
 
 
+def _raising_parametrization(mask):
+    raise RuntimeError("parametrization refused the mask")
+
+
+@pytest.mark.parametrize("mask_dtype", [None, *LEAN])
+@pytest.mark.parametrize("data,kwargs,error,message", [
+    (torch.randn(8, 8), dict(reuse_mask=False, mask=torch.ones(3, 3)), ValueError, "mask shape"),
+    (torch.randn(8, 8), dict(reuse_mask=False, mask=[[1.0] * 8] * 8), TypeError, "mask must be a torch.Tensor"),
+    (torch.randn(4, 8), dict(reuse_mask=True), ValueError, "to reuse the mask"),
+    (torch.randn(8, 8), dict(parametrization=lambda mask: "not a module"), TypeError, "must be an nn.Module"),
+    (torch.randn(8, 8), dict(parametrization=_raising_parametrization), RuntimeError, "refused"),
+    (nn.Linear(8, 8), {}, TypeError, "not supported"),
+])
+def test_replacing_data_with_bad_arguments_leaves_the_old_entry(mask_dtype, data, kwargs, error, message):
+    sparsifier = DataNormSparsifier(sparsity_level=0.5, mask_dtype=mask_dtype)
+    original = torch.randn(8, 8)
+    sparsifier.add_data("emb", original, sparse_block_shape=(2, 2))
+    sparsifier.step()
+    mask, mask_values = sparsifier.get_mask("emb"), sparsifier.get_mask("emb").clone()
+    config = copy.deepcopy(dict(sparsifier.data_groups["emb"]))
+    parametrization = sparsifier._container.parametrizations.emb[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "replacing" warning comes first, as in torch.ao.pruning
+        with pytest.raises(error, match=message):
+            sparsifier.add_data("emb", data, **kwargs)
+    assert sparsifier.get_data("emb") is original
+    assert sparsifier.get_mask("emb") is mask and torch.equal(mask, mask_values)
+    assert sparsifier._container.parametrizations.emb[0] is parametrization and parametrization.mask is mask
+    assert dict(sparsifier.data_groups["emb"]) == config
+    assert torch.equal(sparsifier.get_data("emb", return_original=False),
+                       original * sparsifier.get_mask("emb", as_bool=True))
+
+
 @pytest.mark.parametrize("config,data,error", [
     ({"zeros_per_block": 5}, torch.randn(4, 4), ValueError),
     ({"zeros_per_block": -1}, torch.randn(4, 4), ValueError),

@@ -103,6 +103,8 @@ class BaseDataSparsifier(BaseSparsifier):
 
     def _to_mask_format(self, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """A given mask (dense of weight's shape, or packed bits) in this sparsifier's mask format."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         packed = _is_packed_for(mask, weight)
         if not packed and mask.shape != weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != data shape {tuple(weight.shape)}")
@@ -146,7 +148,8 @@ class BaseDataSparsifier(BaseSparsifier):
         mask = local_args.get("mask")
         param_class = local_args.get("parametrization", self._default_parametrization())
 
-        if name in self.state:
+        replacing = name in self.state
+        if replacing:
             warnings.warn(f"add_data: replacing the data named {name!r} (did you mean another name?)", stacklevel=2)
             local_args = copy.deepcopy(self.data_groups[name])
             local_args.update(config)
@@ -156,12 +159,18 @@ class BaseDataSparsifier(BaseSparsifier):
                     raise ValueError(f"add_data: to reuse the mask of {name!r}, the new data must have its shape "
                                      f"{tuple(current.shape)}, got {tuple(weight.shape)} (or pass reuse_mask=False)")
                 mask = self.get_mask(name=name)
-            self._delete_data(name=name)
 
+        # Everything that can fail runs before an existing entry is removed: on error it stays as it was.
         all_keep = mask is None
         mask = self._new_mask(weight) if all_keep else self._to_mask_format(mask, weight)
+        parametrization = param_class(mask)
+        if not isinstance(parametrization, nn.Module):
+            raise TypeError(f"add_data: the parametrization of {name!r} must be an nn.Module, "
+                            f"got {type(parametrization).__name__}")
+        if replacing:
+            self._delete_data(name=name)
         self._container.register_buffer(name, weight)
-        parametrize.register_parametrization(self._container, name, param_class(mask), unsafe=True)
+        parametrize.register_parametrization(self._container, name, parametrization, unsafe=True)
         self.state[name]["mask"] = mask
         self.data_groups[name] = local_args
         if all_keep and self._lean and len(getattr(self._container.parametrizations, name)) == 1:

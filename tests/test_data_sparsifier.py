@@ -4,6 +4,7 @@ import copy
 import itertools
 import logging
 import pickle
+import re
 import types
 import warnings
 
@@ -547,6 +548,49 @@ def test_one_dimensional_data_is_a_row():
     sparsifier.add_data("column", column, sparse_block_shape=(3, 1), zeros_per_block=3, sparsity_level=0.34)
     sparsifier.step()
     assert torch.equal(sparsifier.get_mask("column") != 0, ops.block_norm_mask(column, 0.34, (3, 1), 3, 1))
+
+
+@pytest.mark.parametrize("mask_dtype", [None, *LEAN])
+@pytest.mark.parametrize("shape", [(1, 12, 16), (1, 1, 12, 16), (1, 1, 15), (1, 7, 10)])
+def test_data_with_leading_size_1_dims_masks_as_torch_ao(shape, mask_dtype):
+    """torch.ao.pruning squeezes such data and returns the mask of its last two dims; ours has the data's shape
+    and the values of torch.ao.pruning's mask broadcast to it, for every level, block and zeros_per_block."""
+    ours = DataNormSparsifier(norm="L2", mask_dtype=mask_dtype)
+    theirs = TorchDataNormSparsifier(norm="L2")
+    configs = [dict(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros)
+               for block in ((1, 4), (2, 2), (3, 2)) for level in (0.3, 0.5, 1.0)
+               for zeros in (1, block[0] * block[1])]
+    for i, config in enumerate(configs):
+        data = tie_free(shape, seed=i)
+        ours.add_data(f"d{i}", data.clone(), **config)
+        theirs.add_data(f"d{i}", data, **config)
+    for _ in range(2):
+        ours.step()
+        theirs.step()
+    for i in range(len(configs)):
+        name = f"d{i}"
+        if mask_dtype is None:
+            assert ours.get_mask(name).shape == shape and ours.get_mask(name).dtype == torch.int8
+        want = theirs.get_mask(name).expand(shape) != 0
+        assert torch.equal(ours.get_mask(name, as_bool=True), want), configs[i]
+        assert torch.equal(ours.get_data(name, return_original=False), theirs.get_data(name) * want)
+    ours.squash_mask()
+    for i in range(len(configs)):
+        assert torch.equal(ours.get_data(f"d{i}", return_original=False), theirs.get_data(f"d{i}") *
+                           (theirs.get_mask(f"d{i}").expand(shape) != 0))
+
+
+@pytest.mark.parametrize("shape", [(12, 1, 16), (12, 16, 1), (1, 12, 1), (1, 12, 16, 1), (1, 1, 1), (2, 3, 4)])
+def test_data_torch_ao_would_mask_in_the_wrong_shape_is_rejected(shape):
+    """torch.ao.pruning raises on some of these and on others gives a mask that broadcasts to another shape
+    (e.g. (12, 1, 16) -> a (12, 16) mask -> (12, 12, 16)); here each raises, naming the shape, before any mask
+    changes."""
+    sparsifier = DataNormSparsifier(sparsity_level=0.5)
+    sparsifier.add_data("good", torch.randn(8, 8))
+    sparsifier.add_data("bad", torch.randn(shape))
+    with pytest.raises(ValueError, match=re.escape(str(shape))):
+        sparsifier.step()
+    assert torch.equal(sparsifier.get_mask("good"), torch.ones(8, 8))
 
 
 def test_half_precision_data_is_scored_in_fp32():

@@ -53,9 +53,18 @@ class DataNormSparsifier(BaseDataSparsifier):
             layouts the kernel would copy), data larger than this is processed in row chunks (same mask).
     sparsity_level, sparse_block_shape and zeros_per_block are defaults; add_data may override them.
 
-    Where torch.ao.pruning crashes (1-D data; (N, 1) data), this class follows the mask contract of
-    sparsity_ext.ops; bad arguments raise ValueError/TypeError (torch.ao.pruning: AssertionError) before
-    any mask changes.
+    Deviations from torch.ao.pruning, which squeezes every size-1 dimension out of the data and computes the
+    mask of what is left:
+      - 1-D data and (N, 1) data (where torch.ao.pruning crashes or gives an (N, N)-broadcasting mask) follow
+        the mask contract of sparsity_ext.ops: one row, and one column.
+      - Data with more dimensions, all of size 1 but the last two (e.g. (1, 12, 16), (1, 1, 16)), is masked as
+        its last two dimensions, as torch.ao.pruning's squeeze does, but the mask keeps the data's shape
+        (torch.ao.pruning's is the squeezed (12, 16) or (1, 16), which its own FakeSparsity then rejects);
+        its values are torch.ao.pruning's mask broadcast to the data's shape.
+      - Other data of more than 2 dimensions raises ValueError naming the shape: torch.ao.pruning steps on
+        some of it (e.g. (12, 1, 16), (1, 12, 1)), but its squeezed mask broadcasts to a different shape
+        ((12, 12, 16), (1, 12, 12)), so it is no mask of the data's elements.
+      - Bad arguments raise ValueError/TypeError (torch.ao.pruning: AssertionError) before any mask changes.
     """
 
     def __init__(self, data_list: list[tuple[str, Any]] | None = None, sparsity_level: float = 0.5,
@@ -91,8 +100,15 @@ class DataNormSparsifier(BaseDataSparsifier):
         self._check_config(sparsity_level, sparse_block_shape, zeros_per_block)
         if data.dtype not in ops.FLOAT_DTYPES:
             raise TypeError(f"DataNormSparsifier: data {name!r} must be a float tensor, got {data.dtype}")
-        if data.dim() not in (1, 2):
-            raise ValueError(f"DataNormSparsifier: data {name!r} must be 1-D or 2-D, got shape {tuple(data.shape)}")
+        if data.dim() > 2 and (any(size != 1 for size in data.shape[:-2]) or data.shape[-1] == 1):
+            raise ValueError(f"DataNormSparsifier: data {name!r} must be 1-D, 2-D, or of more dimensions all of "
+                             f"size 1 but the last two (the last not 1), got shape {tuple(data.shape)} (torch.ao."
+                             f"pruning's squeezed mask of it does not line up with the data's elements)")
+
+    @staticmethod
+    def _matrix(data: torch.Tensor) -> torch.Tensor:
+        """The 2-D view the blocks tile: 1-D data as one row, data with leading size-1 dims as its last two."""
+        return data.view(1, -1) if data.dim() == 1 else data.view(data.shape[-2:])
 
     def update_mask(self, name, data, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs):
         """Computes the mask of `name` from `data` and stores it in the live mask object (via mask.data):
@@ -100,16 +116,19 @@ class DataNormSparsifier(BaseDataSparsifier):
         self._validate_data(name, data, sparsity_level, sparse_block_shape, zeros_per_block)
         level, block, zeros = self._check_config(sparsity_level, sparse_block_shape, zeros_per_block)
         mask = self.get_mask(name)
-        rows, cols = (1, data.shape[0]) if data.dim() == 1 else data.shape
+        matrix = self._matrix(data)
+        rows, cols = matrix.shape
         level = data_norm_level(level, -(-rows // block[0]) * -(-cols // block[1]))
         packed = self.mask_dtype == "packed"
         # A lean mask in its own format is rewritten in place: no fresh table-sized memory every step.
         reusable = (self._lean and mask.device == data.device and mask.is_contiguous()
                     and (_is_packed_for(mask, data) if packed else
                          mask.dtype == torch.bool and mask.shape == data.shape))
+        out = None if not reusable else mask if packed else mask.view(matrix.shape)
         with torch.no_grad():
-            keep = block_norm_mask_chunked(data, level, block, zeros, self.norm, packed=packed,
-                                           max_chunk_bytes=self.max_chunk_bytes, out=mask if reusable else None)
+            keep = block_norm_mask_chunked(matrix, level, block, zeros, self.norm, packed=packed,
+                                           max_chunk_bytes=self.max_chunk_bytes, out=out)
         if not reusable:
+            keep = keep if packed else keep.view(data.shape)  # the mask has the data's own shape
             # bool -> int8 as a view (same bytes, 0/1): no copy of a table-sized mask
             mask.data = keep.view(torch.int8) if self.mask_dtype is None else keep

@@ -100,10 +100,11 @@ class DataNormSparsifier(BaseDataSparsifier):
         self._check_config(sparsity_level, sparse_block_shape, zeros_per_block)
         if data.dtype not in ops.FLOAT_DTYPES:
             raise TypeError(f"DataNormSparsifier: data {name!r} must be a float tensor, got {data.dtype}")
-        if data.dim() > 2 and (any(size != 1 for size in data.shape[:-2]) or data.shape[-1] == 1):
-            raise ValueError(f"DataNormSparsifier: data {name!r} must be 1-D, 2-D, or of more dimensions all of "
-                             f"size 1 but the last two (the last not 1), got shape {tuple(data.shape)} (torch.ao."
-                             f"pruning's squeezed mask of it does not line up with the data's elements)")
+        leading_ones = data.dim() > 2 and all(size == 1 for size in data.shape[:-2]) and data.shape[-1] != 1
+        if data.dim() not in (1, 2) and not leading_ones:
+            raise ValueError(f"DataNormSparsifier: data {name!r} must be 1-D, 2-D, or N-D with every dim but the "
+                             f"last two of size 1 and the last not 1 (torch.ao.pruning's squeezed mask of other "
+                             f"shapes does not line up with the data's elements), got shape {tuple(data.shape)}")
 
     @staticmethod
     def _matrix(data: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,8 @@ def test_import_without_extension_warns_once_and_uses_reference():
             "assert len(msgs) == 1, msgs\n"
             "m = ops.block_norm_mask(torch.randn(8, 8), 0.5, (2, 2))\n"
             "assert m.dtype == torch.bool and m.shape == (8, 8)\n"
+            "m = ops.block_norm_mask(torch.empty(8, 8, device='meta'), 0.5, (2, 2))\n"
+            "assert m.device.type == 'meta' and m.shape == (8, 8)  # the fakes serve meta without the extension\n"
             "print(sparsity_ext.info(as_text=False)['fp32_runs_on']['block_norm_mask']['cpu'])\n")
     proc = _run_python(code, SPARSITY_EXT_USE_CPP="0")
     assert proc.returncode == 0, proc.stderr

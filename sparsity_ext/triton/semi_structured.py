@@ -17,6 +17,8 @@ from .ops import NAMESPACE, _check_device, _launchable
 
 _TILE_R = 16  # rows per program: divides every legal row count (multiples of 16 or 32)
 _TILE_M = 16  # metadata elements per program row: 256 fp16/bf16 or 512 int8 columns
+# A kernel may read a global only as a constexpr (the interpreter reads any global; the compiler does not).
+_PAIR_NIBBLES = tl.constexpr(PAIR_NIBBLES)
 
 
 @triton.jit
@@ -70,7 +72,7 @@ def _sparsify_24_pack_kernel(x_ptr, values_ptr, meta_ptr, H, W, stride_h,
     ZERO_KEY: tl.constexpr = 0x80000000
     pattern = ((keep0 & (k0 != ZERO_KEY)).to(tl.int64) | ((keep1 & (k1 != ZERO_KEY)).to(tl.int64) << 1)
                | ((keep2 & (k2 != ZERO_KEY)).to(tl.int64) << 2) | ((keep3 & (k3 != ZERO_KEY)).to(tl.int64) << 3))
-    nibble = ((PAIR_NIBBLES >> (4 * pattern)) & 15).to(tl.int32)
+    nibble = ((tl.full(pattern.shape, _PAIR_NIBBLES, tl.int64) >> (4 * pattern)) & 15).to(tl.int32)
     idx0 = nibble & 3  # in {0, 1, 2}
     idx1 = nibble >> 2  # in {1, 2, 3}
     v0 = tl.where(idx0 == 0, m0, tl.where(idx0 == 1, m1, m2))

@@ -448,3 +448,17 @@ def test_block_norm_mask_select_on_triton_equals_the_reference(block, zeros, lev
     with sparsity_ext.use_backend("triton"):
         got = ops.block_norm_mask_select(data, scores, threshold, ties, block, zeros, 1)
     assert torch.equal(got, reference.block_norm_mask(data, level, block, zeros, 1))
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_runs_on_the_data_device_not_the_current_one():
+    # Triton launches on the current device: the backend makes the data's device current for the call.
+    data = randn((37, 64), seed=19).to("cuda:1")
+    with torch.cuda.device(0), sparsity_ext.use_backend("triton"):
+        mask = ops.block_norm_mask(data, 0.5, (1, 4), 4, 2)
+        keep = ops.nm_mask(data, 2, 4)
+        packed = ops.sparsify_24_pack(data.half())
+        assert torch.cuda.current_device() == 0
+    assert mask.device == data.device and torch.equal(mask.cpu(), reference.block_norm_mask(data.cpu(), 0.5, (1, 4), 4, 2))
+    assert torch.equal(keep.cpu(), reference.nm_mask(data.cpu(), 2, 4))
+    assert torch.equal(packed[0].cpu(), ops.sparsify_24_pack(data.half().cpu())[0])

@@ -46,9 +46,13 @@ Add configs there for unusual shapes (very wide rows, tall blocks). SPARSITY_EXT
 (or kernels.AUTOTUNE = False) launches kernels.SCORES_DEFAULT / MASK_DEFAULT instead, as the
 interpreter always does. The radix and tie passes use 2048-key tiles (ops._RADIX_BLOCK) and 8
 programs per SM (ops._PROGRAMS_PER_SM).
+Without a GPU: the tests run the kernels in triton's interpreter, which accepts code the compiler
+rejects; `python scripts/check_triton_compile.py` (part of `bash run test`) compiles every variant the
+ops launch, and every autotune config, for sm_90 and prints registers per kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -85,17 +89,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
+def _on_device_of(data: torch.Tensor):
+    """Triton launches on the current CUDA device and stream, wherever the tensors are: the data's
+    device is made current for the call (what the CUDA extension's device guard does)."""
+    return torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext()
+
+
 def _dispatch(op: str):
-    def run(*args):
+    def run(data, *args):
         from . import ops  # imports triton and compiles nothing yet; kernels compile on first launch
-        return ops.BACKEND_FNS[op](*args)
+        with _on_device_of(data):
+            return ops.BACKEND_FNS[op](data, *args)
     run.__name__ = f"triton_{op}"
     return run
 
 
 def _sparsify_24_pack(data):
     from . import semi_structured  # imports triton; the kernel compiles on its first launch
-    return semi_structured.sparsify_24_pack(data)
+    with _on_device_of(data):
+        return semi_structured.sparsify_24_pack(data)
 
 
 def _select_on_level_one_mask(*args):

@@ -74,8 +74,12 @@ def _flush_histogram(hist_ptr, local, NBINS: tl.constexpr):
 
 @triton.jit
 def _tile_2d(tile, num_cols, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
-    """(rows [TILE_R, 1], cols [1, TILE_C]) int64 indices of tile number `tile` (row-major tile order)."""
-    n_col_tiles = (num_cols + TILE_C - 1) // TILE_C
+    """(rows [TILE_R, 1], cols [1, TILE_C]) int64 indices of tile number `tile` (row-major tile order).
+
+    Tile counts here and in the kernels are (n - 1) // T + 1 (n >= 1), never (n + T - 1) // T: triton
+    passes sizes below 2**31 as int32, and n + T - 1 wraps for n within T of 2**31.
+    """
+    n_col_tiles = (num_cols - 1) // TILE_C + 1
     tile_r = tile // n_col_tiles
     tile_c = tile - tile_r * n_col_tiles
     rows = tile_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
@@ -101,7 +105,7 @@ def _block_scores_kernel(x_ptr, keys_ptr, hist_ptr, H, W, stride_h, stride_w, nb
     The blocks are cut into TILE_R x TILE_C tiles, one thread per block; each program scores the tiles
     pid, pid + programs, ... (a persistent grid), so its histogram is flushed once.
     """
-    num_tiles = ((nbh + TILE_R - 1) // TILE_R) * ((nbw + TILE_C - 1) // TILE_C)
+    num_tiles = ((nbh - 1) // TILE_R + 1) * ((nbw - 1) // TILE_C + 1)
     local = tl.full([NBINS], 0, dtype=tl.int32)
     outside = tl.full([TILE_R * TILE_C], 0, dtype=tl.int32)  # slots past the last block, binned at 0
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -322,7 +326,7 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, final_ptr, last_ptr,
     programs may still be reading the block's values to rank them).
     The tile is TILE_R rows x TILE_BYTES * 8 columns, held as [TILE_R, TILE_BYTES, 8].
     """
-    tile_rows, byte_cols = _tile_2d(tl.program_id(0), (W + 7) // 8, TILE_R, TILE_BYTES)
+    tile_rows, byte_cols = _tile_2d(tl.program_id(0), (W - 1) // 8 + 1, TILE_R, TILE_BYTES)
     rows = tile_rows[:, :, None]
     bits = tl.arange(0, 8)[None, None, :]
     cols = byte_cols[:, :, None] * 8 + bits
@@ -393,7 +397,7 @@ def _nm4_mask_kernel(x_ptr, out_ptr, H, W, stride_h, stride_w, zeros_per_block, 
     for contiguous rows) and split into the four members, so each of the 6 pairs is compared once
     (the generic kernel re-reads each block 4 times, once per member).
     """
-    rows, groups = _tile_2d(tl.program_id(0), (W + 3) // 4, TILE_R, TILE_G)
+    rows, groups = _tile_2d(tl.program_id(0), (W - 1) // 4 + 1, TILE_R, TILE_G)
     rows = rows[:, :, None]
     cols = groups[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     valid = (rows < H) & (cols < W)

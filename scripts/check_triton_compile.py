@@ -179,9 +179,10 @@ def _specialization(launch) -> str:
 
 
 def _compile_jobs(launches):
-    """The distinct specializations of the recorded launches; an autotuned kernel's also in every config
-    of its autotuner (the interpreter runs only the default one), once per mode of the kernel (its
-    constexprs other than the tile shape) on fp32 data."""
+    """The distinct specializations of the recorded launches, plus for each mode of a kernel (its
+    constexprs other than the tile shape; first launch seen): the same launch with every size above 1
+    moved past 2**31 (int64 arguments, as tensors that large pass), and an autotuned kernel's launch in
+    every config of its autotuner (the interpreter runs only the default one)."""
     from sparsity_ext.triton import kernels
     from triton.runtime.autotuner import Autotuner
     configs = {f"{t.fn.__module__}.{t.fn.__name__}": t.configs
@@ -193,12 +194,15 @@ def _compile_jobs(launches):
         tile_keys = {key for config in tuned for key in config.all_kwargs()}
         mode = json.dumps([launch["kernel"], {k: v for k, v in launch["kwargs"].items() if k not in tile_keys}],
                           sort_keys=True)
-        if not tuned or launch["args"][0].get("tensor") != "float32" or mode in modes:
+        if mode in modes:
             continue
         modes.add(mode)
+        large = [a + 2**31 if isinstance(a, int) and not isinstance(a, bool) and a > 1 else a for a in launch["args"]]
+        variants = [{**launch, "args": large}]
         for config in tuned:
             kwargs = {**launch["kwargs"], **config.all_kwargs()}
-            variant = {**launch, "kwargs": {k: v for k, v in sorted(kwargs.items()) if v is not None}}
+            variants.append({**launch, "kwargs": {k: v for k, v in sorted(kwargs.items()) if v is not None}})
+        for variant in variants:
             jobs.setdefault(_specialization(variant), variant)
     return list(jobs.values())
 

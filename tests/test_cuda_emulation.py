@@ -80,6 +80,25 @@ def test_emulated_apply_ranks_straddling_blocks_before_zeroing(emulated):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_emulated_apply_zeroing_pass_of_one_row_blocks(emulated, dtype):
+    """One-row ranked blocks that miss the vector path ((1,4)/(1,8) with cols % 32 != 0 or misaligned rows,
+    any other width) are zeroed by a second pass over the finished mask: bool and packed, strided rows."""
+    data = _data((9, 70), dtype, "cpu", seed=21, kind="ties")
+    cases = [((1, 4), 1, "contiguous"), ((1, 4), 2, "transposed"), ((1, 8), 3, "column_slice"),
+             ((1, 3), 1, "column_slice"), ((1, 16), 7, "transposed"), ((1, 32), 16, "contiguous")]
+    for i, (block, zeros, layout) in enumerate(cases):
+        for packed in (False, True):
+            level, norm = (0.5, 1.0)[i % 2], i % 3
+            expected_data = data.clone()
+            expected = reference.block_norm_mask_apply_(expected_data, level, block, zeros, norm, packed)
+            x = _layout(data.clone(), layout)
+            got = emulated.block_mask(x, level, list(block), zeros, norm, packed, True, 1 + i % 3)
+            config = (block, zeros, layout, packed)
+            assert torch.equal(got, expected), config
+            assert torch.equal(_bits(x.contiguous()), _bits(expected_data)), config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_emulated_select_threshold(emulated, dtype):
     for n, kind in [(1, "ties"), (17, "ties"), (1000, "ties"), (3001, "tie_free")]:
         values = _data((n,), dtype, "cpu", seed=n, kind=kind)

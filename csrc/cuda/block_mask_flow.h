@@ -17,6 +17,7 @@
 #include "common/mask_math.h"
 #include "common/op_args.h"
 #include "cuda/launch.h"
+#include "cuda/apply_mask.cuh"
 #include "cuda/mask_kernels.cuh"
 
 namespace sparsity_ext {
@@ -129,9 +130,10 @@ void block_mask(T* data, int64_t ld, const BlockGrid& grid, double sparsity_leve
         launch_mask<T, ZeroMode::kRowRank, 32>(data, args, stream);
       }
       if (apply && !args.apply) {
-        const int64_t chunks = (grid.rows * grid.cols + kChunk - 1) / kChunk;
-        launch(zero_dropped_kernel<T>, grid_for(chunks), stream, data, ld, grid.rows, grid.cols,
-               static_cast<const void*>(mask.data_ptr()), packed);
+        const int64_t numel = grid.rows * grid.cols;
+        launch(apply_mask_kernel<T>, grid_for(numel), stream, data, numel, grid.cols, ld,
+               packed ? nullptr : static_cast<const bool*>(mask.data_ptr()),
+               packed ? static_cast<const uint8_t*>(mask.data_ptr()) : nullptr);
       }
       return;
   }

@@ -1,12 +1,13 @@
 // CUDA kernels of the mask-format ops (pack_mask, unpack_mask, apply_mask_), free of torch headers;
 // launched by mask_ops_cuda.cu. pack/unpack: each thread owns 32 flags = one 32-bit word of packed bits;
-// apply_mask_: one element per thread.
+// apply_mask_: one element per thread (cuda/apply_mask.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "cuda/apply_mask.cuh"
 #include "cuda/vector_io.cuh"
 
 namespace sparsity_ext {
@@ -55,20 +56,6 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const uint8_t* packed,
     } else {
       for (int i = 0; i < count; ++i) mask[e0 + i] = (packed[(e0 + i) / 8] >> ((e0 + i) % 8)) & 1u;
     }
-  }
-}
-
-// data[i] = 0 where the mask (bool, or packed bits) is 0; contiguous data. One element per thread and
-// grid-stride step, so a warp's accesses are consecutive (coalesced); kept elements are neither read nor
-// written. (One thread per 32 consecutive elements put a warp's 32 accesses 32 elements apart: 6.5x the
-// floor on an H100.)
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    apply_mask_kernel(T* data, int64_t numel, const bool* mask, const uint8_t* packed) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
-    const bool keep = packed != nullptr ? (packed[e >> 3] >> (e & 7)) & 1u : mask[e];
-    if (!keep) data[e] = T{};
   }
 }
 

@@ -404,31 +404,5 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(T* data, MaskArgs args) 
   }
 }
 
-// data = 0 where the finished mask (bool, or packed bits) is 0; rows with stride ld. One thread per
-// kChunk flat elements. Used when the mask kernel could not zero in the same pass (kRowRank blocks
-// that straddle two threads' chunks: one thread would zero elements the other still ranks).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) zero_dropped_kernel(T* data, int64_t ld, int64_t rows, int64_t cols,
-                                                                const void* mask, bool packed) {
-  const int64_t numel = rows * cols;
-  const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; chunk < num_chunks;
-       chunk += stride) {
-    const int64_t e0 = chunk * kChunk;
-    const int64_t e1 = e0 + kChunk < numel ? e0 + kChunk : numel;
-    int64_t row = divide(e0, cols), col = e0 - row * cols;
-    for (int64_t e = e0; e < e1; ++e) {
-      const bool keep = packed ? (static_cast<const uint8_t*>(mask)[e >> 3] >> (e & 7)) & 1
-                               : static_cast<const bool*>(mask)[e];
-      if (!keep) data[row * ld + col] = T{};
-      if (++col == cols) {
-        col = 0;
-        ++row;
-      }
-    }
-  }
-}
-
 }  // namespace cuda
 }  // namespace sparsity_ext

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from conftest import backend_available, tie_free
-from sparsity_ext import ops, use_backend
+from sparsity_ext import ops, reference, use_backend
 from sparsity_ext.data_sparsifier import (BaseDataSparsifier, DataNormSparsifier, PackedFakeSparsity,
                                           block_norm_mask_chunked)
 from sparsity_ext.data_sparsifier.data_norm_sparsifier import data_norm_level
@@ -791,3 +791,19 @@ def test_training_aware_hooks():
     hooks.on_train_end(None, pl_module)
     assert not is_parametrized(hooks.data_sparsifier._container, "0_weight")
     assert (hooks.sparsified[0].weight == 0).float().mean().item() == 0.125  # the last step used 0.125
+
+
+@pytest.mark.parametrize("mask_dtype", [None, torch.bool, "packed"])
+def test_get_mask_as_bool_is_a_new_bool_tensor_in_every_format(mask_dtype):
+    # A bool mask is copied, not compared with 0 (which computes in int64: 8 bytes per element).
+    data = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    sparsifier = DataNormSparsifier(sparsity_level=0.5, mask_dtype=mask_dtype)
+    sparsifier.add_data("t", data)
+    sparsifier.step()
+    keep = sparsifier.get_mask("t", as_bool=True)
+    live = sparsifier.get_mask("t")
+    assert keep.dtype == torch.bool and keep.shape == data.shape
+    assert torch.equal(keep, reference.block_norm_mask(data, 0.5, (1, 4), 4, 1))
+    keep.zero_()
+    assert torch.equal(sparsifier.get_mask("t", as_bool=True), reference.block_norm_mask(data, 0.5, (1, 4), 4, 1))
+    assert sparsifier.get_mask("t") is live

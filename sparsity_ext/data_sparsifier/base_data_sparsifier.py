@@ -50,6 +50,12 @@ class PackedFakeSparsity(FakeSparsity):
         return ops.unpack_mask(self.mask, x.shape) * x
 
 
+def _keep_flags(mask: torch.Tensor) -> torch.Tensor:
+    """A dense mask as bool (True = keep); a bool mask is returned as it is, since `bool_mask != 0`
+    computes in int64 (torch promotes bool against an int): a temporary of 8 bytes per element."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _is_packed_for(mask: torch.Tensor, data: torch.Tensor) -> bool:
     """mask holds data's elements as bits (a 1-D uint8 of ceil(numel/8) bytes) rather than one per element."""
     return (mask.dtype == torch.uint8 and mask.dim() == 1 and mask.shape != data.shape
@@ -111,10 +117,8 @@ class BaseDataSparsifier(BaseSparsifier):
         if self.mask_dtype is None:
             return ops.unpack_mask(mask, weight.shape).to(weight.dtype) if packed else mask
         if self.mask_dtype == "packed":
-            return mask if packed else ops.pack_mask(mask != 0)
-        if packed:
-            return ops.unpack_mask(mask, weight.shape)
-        return mask if mask.dtype == torch.bool else mask != 0
+            return mask if packed else ops.pack_mask(_keep_flags(mask))
+        return ops.unpack_mask(mask, weight.shape) if packed else _keep_flags(mask)
 
     def _default_parametrization(self) -> type[nn.Module]:
         return PackedFakeSparsity if self.mask_dtype == "packed" else FakeSparsity
@@ -202,7 +206,9 @@ class BaseDataSparsifier(BaseSparsifier):
         if not as_bool:
             return mask
         data = self.get_data(name, return_original=not self._squashed(name))
-        return ops.unpack_mask(mask, data.shape) if _is_packed_for(mask, data) else mask != 0
+        if _is_packed_for(mask, data):
+            return ops.unpack_mask(mask, data.shape)
+        return mask.clone() if mask.dtype == torch.bool else _keep_flags(mask)
 
     def _squashed(self, name: str) -> bool:
         return not parametrize.is_parametrized(self._container, name)

@@ -60,7 +60,8 @@ if [[ " $steps " == *" test "* ]]; then
   # down one worker, which is replaced and the test reported, instead of the whole run.
   workers=()
   if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); fi
-  PYTHONPATH=$PWD "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider "${workers[@]}" tests ${TEST_ARGS:-} \
+  # SPARSITY_EXT_LARGE_TESTS=1: tests/test_large_tensors.py, a table past 2**31 elements on each backend.
+  SPARSITY_EXT_LARGE_TESTS=1 PYTHONPATH=$PWD "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider "${workers[@]}" tests ${TEST_ARGS:-} \
     > "$out/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 60

@@ -462,3 +462,18 @@ def test_triton_runs_on_the_data_device_not_the_current_one():
     assert mask.device == data.device and torch.equal(mask.cpu(), reference.block_norm_mask(data.cpu(), 0.5, (1, 4), 4, 2))
     assert torch.equal(keep.cpu(), reference.nm_mask(data.cpu(), 2, 4))
     assert torch.equal(packed[0].cpu(), ops.sparsify_24_pack(data.half().cpu())[0])
+
+
+def test_weight_norm_sparsifier_steps_with_the_triton_backend_pinned():
+    # The triton backend has no block_norm_mask_update_: the class step takes the unfused path instead of raising.
+    weight = randn((8, 16), seed=20)
+    masks = []
+    for backend in ("triton", "reference"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False, device=DEVICE))
+        model[0].weight.data.copy_(weight)
+        sparsifier = sparsity_ext.WeightNormSparsifier(sparsity_level=0.5)
+        sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+        with sparsity_ext.use_backend(backend):
+            sparsifier.step()
+        masks.append(model[0].parametrizations.weight[0].mask.clone())
+    assert torch.equal(masks[0], masks[1]) and masks[0].sum() == 64

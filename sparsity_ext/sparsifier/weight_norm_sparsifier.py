@@ -162,9 +162,11 @@ class WeightNormSparsifier(BaseSparsifier):
                 or self.norm_fn not in (_l1_norm, _l2_norm) or original.dim() not in (1, 2)
                 or mask.dtype not in (torch.bool, torch.float32, original.dtype)):
             return None
-        if _backend.resolve("block_norm_mask_update_", original.device, original.dtype)[0] == "reference":
+        try:
+            backend = _backend.resolve("block_norm_mask_update_", original.device, original.dtype)[0]
+        except RuntimeError:  # a pinned backend without this op (e.g. cuda, triton): the unfused path
             return None
-        return original
+        return None if backend == "reference" else original
 
     def _make_tensor_mask(self, data, input_shape, sparsity_level, sparse_block_shape, mask=None):
         """Float mask (1 keep, 0 drop) that drops the sparsity_level fraction of whole blocks of `data`

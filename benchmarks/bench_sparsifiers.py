@@ -142,8 +142,12 @@ def worker(case: Case, impl: str, backend: str | None, device: str, budget_s: fl
         setup, step = _build(case, impl, backend, device)
         reset, peak = peak_probe(device)
         setup()
+        if device == "cuda":  # warm-up first: triton autotuning allocates benchmark buffers of its own
+            step()
+            sync(device)
+            setup()
         reset()
-        step()  # warm-up (also compiles/loads kernels); its peak is the one reported
+        step()  # on the CPU also the warm-up; its peak is the one reported
         sync(device)
         peak_bytes = peak()
         timing = time_call(step, device, budget_s, setup=setup, warmup=False, max_runs=50)

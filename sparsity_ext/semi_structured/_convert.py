@@ -6,7 +6,8 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUTLASS
+from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT,
+                          SparseSemiStructuredTensorCUTLASS)
 
 from .. import ops
 from ._layout import LAYOUTS
@@ -24,6 +25,10 @@ def to_sparse_semi_structured(weight: torch.Tensor) -> SparseSemiStructuredTenso
     torch.sparse.to_sparse_semi_structured(pruned weight) with SparseSemiStructuredTensor._FORCE_CUTLASS
     set (torch's default subclass is the cuSPARSELt one, whose packed format is opaque). Unlike torch's
     function, the input need not be 2:4-sparse already: pruning is part of the step.
+
+    GPUs: torch's CUTLASS matmul kernels for this subclass are built for compute capability 8.x (A100,
+    RTX 30xx/40xx) only; elsewhere (e.g. an H100) its matmul raises, and convert() uses torch's cuSPARSELt
+    subclass instead.
 
     CPU tensors: torch constructs the subclass on the CPU (values(), indices(), to_dense() work) but has no
     CPU kernel for its matmul (aten::_sparse_semi_structured_mm is CUDA-only), so torch.mm / F.linear on
@@ -69,7 +74,22 @@ def _why_not_convertible(module: nn.Module) -> str | None:
     if not weight.is_cuda:
         return (f"is on {weight.device}; torch has no {weight.device.type} kernels for semi-structured matmul "
                 f"(move the model to CUDA first)")
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    if major < 8:
+        return f"is on a GPU of compute capability {major}.{minor}; semi-structured matmul needs 8.0 or newer"
+    if major != 8 and not torch.backends.cusparselt.is_available():
+        return (f"is on a GPU of compute capability {major}.{minor}: torch's CUTLASS 2:4 matmul runs on 8.x only, "
+                f"and this torch build has no cuSPARSELt")
     return None
+
+
+def _inference_weight(weight: torch.Tensor) -> SparseSemiStructuredTensor:
+    """The semi-structured weight convert() swaps in for a 2:4-sparse CUDA weight: ours (fused prune + pack,
+    CUTLASS layout) where torch's CUTLASS matmul runs (compute capability 8.x), else torch's cuSPARSELt
+    subclass (its compression of the weight, which is already 2:4-sparse)."""
+    if torch.cuda.get_device_capability(weight.device)[0] == 8:
+        return to_sparse_semi_structured(weight)
+    return SparseSemiStructuredTensorCUSPARSELT.from_dense(weight)
 
 
 def convert(model: nn.Module, fqns: Iterable[str] | None = None) -> nn.Module:
@@ -77,7 +97,8 @@ def convert(model: nn.Module, fqns: Iterable[str] | None = None) -> nn.Module:
 
     The step after a 2:4 sparsifier's squash_mask() (the counterpart of torch.ao's convert step): each
     chosen layer's weight becomes nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False),
-    so its forward runs torch's sparse (CUTLASS) matmul. Every chosen layer is checked first; if any cannot
+    so its forward runs torch's sparse (CUTLASS) matmul; on GPUs other than compute capability 8.x (where
+    torch's CUTLASS 2:4 kernels do not run, e.g. the H100) torch's cuSPARSELt subclass of the weight instead. Every chosen layer is checked first; if any cannot
     be converted, a ValueError lists each one with the reason (not a Linear, a parametrization left,
     dtype, shape, not 2:4-sparse, not on CUDA) and the model is left unchanged. Layers already holding a
     semi-structured weight are left as they are, as are all modules not chosen.
@@ -105,5 +126,5 @@ def convert(model: nn.Module, fqns: Iterable[str] | None = None) -> nn.Module:
                          "(nothing was changed):\n" + "\n".join(problems))
     for name in chosen:
         module = named[name]
-        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+        module.weight = nn.Parameter(_inference_weight(module.weight.detach()), requires_grad=False)
     return model

@@ -103,6 +103,15 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Cal
     raise RuntimeError(f"sparsity_ext: no backend runs {op} for {device.type} tensors of dtype {dtype}")
 
 
+
+def runs_on_a_kernel(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the current choice runs `op` here without the reference: False as well where a pinned backend
+    has no implementation of it. For callers choosing a fused path, which pays only on a compiled kernel."""
+    try:
+        return resolve(op, device, dtype)[0] != "reference"
+    except RuntimeError:
+        return False
+
 def backend_table() -> dict[str, dict[str, str]]:
     """{op: {backend: 'yes' or the reason it is unavailable}} for info()."""
     table: dict[str, dict[str, str]] = {}

@@ -127,7 +127,7 @@ def _weight_norm_update_mask(ao_class: type, original):
         if (len(parametrizations) == 1 and type(parametrizations[0]) is ao_fake_sparsity
                 and mask.dtype == mask_dtype and unmasked.dtype == torch.float32 and unmasked.dim() == 2
                 and _whole_blocks_or_no_partial(unmasked.shape, block, zeros)
-                and _backend.resolve("block_norm_mask_update_", unmasked.device, unmasked.dtype)[0] != "reference"):
+                and _backend.runs_on_a_kernel("block_norm_mask_update_", unmasked.device, unmasked.dtype)):
             # The weight is mask * original and the mask already has the dtype the step gives it: the new mask
             # is written over it in place, the masked weight scored without being materialized.
             ops.block_norm_mask_update_(unmasked.detach(), mask.data, min(level, 1.0), block, zeros, norm)

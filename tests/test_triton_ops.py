@@ -477,3 +477,22 @@ def test_weight_norm_sparsifier_steps_with_the_triton_backend_pinned():
             sparsifier.step()
         masks.append(model[0].parametrizations.weight[0].mask.clone())
     assert torch.equal(masks[0], masks[1]) and masks[0].sum() == 64
+
+
+def test_accelerated_torch_ao_steps_with_the_triton_backend_pinned():
+    # torch.ao's step, patched, with a backend that has no block_norm_mask_update_: same mask as torch.ao's own.
+    from torch.ao.pruning import WeightNormSparsifier as AoWeightNormSparsifier
+    weight = randn((8, 16), seed=21)
+    masks = []
+    for accelerated in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False, device=DEVICE))
+        model[0].weight.data.copy_(weight)
+        sparsifier = AoWeightNormSparsifier(sparsity_level=0.5)
+        sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+        if accelerated:
+            with sparsity_ext.accelerate_torch_ao(), sparsity_ext.use_backend("triton"):
+                sparsifier.step()
+        else:
+            sparsifier.step()
+        masks.append(model[0].parametrizations.weight[0].mask.clone())
+    assert torch.equal(masks[0], masks[1]) and masks[0].sum() == 64

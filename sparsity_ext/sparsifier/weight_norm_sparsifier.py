@@ -162,11 +162,9 @@ class WeightNormSparsifier(BaseSparsifier):
                 or self.norm_fn not in (_l1_norm, _l2_norm) or original.dim() not in (1, 2)
                 or mask.dtype not in (torch.bool, torch.float32, original.dtype)):
             return None
-        try:
-            backend = _backend.resolve("block_norm_mask_update_", original.device, original.dtype)[0]
-        except RuntimeError:  # a pinned backend without this op (e.g. cuda, triton): the unfused path
-            return None
-        return None if backend == "reference" else original
+        # (a pinned backend without this op, e.g. cuda or triton, takes the unfused path)
+        return original if _backend.runs_on_a_kernel("block_norm_mask_update_", original.device, original.dtype) \
+            else None
 
     def _make_tensor_mask(self, data, input_shape, sparsity_level, sparse_block_shape, mask=None):
         """Float mask (1 keep, 0 drop) that drops the sparsity_level fraction of whole blocks of `data`

@@ -41,11 +41,11 @@ def tie_free(shape, dtype=torch.float32, device="cpu", seed=0):
     return ((magnitudes + noise) * signs).reshape(shape).to(dtype=dtype, device=device)
 
 
-def backend_available(name: str, device: str) -> bool:
-    """Whether backend `name` has a usable block_norm_mask for `device` tensors on this machine."""
+def backend_available(name: str, device: str, op: str = "block_norm_mask", dtype=torch.float32) -> bool:
+    """Whether backend `name` has a usable `op` for `device` tensors of `dtype` on this machine."""
     try:
         with sparsity_ext.use_backend(name):
-            _backend.resolve("block_norm_mask", torch.device(device), torch.float32)
+            _backend.resolve(op, torch.device(device), dtype)
         return True
     except RuntimeError:
         return False

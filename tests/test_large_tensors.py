@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparsity_ext
-from sparsity_ext import _backend, ops, reference
+from sparsity_ext import ops, reference
 from sparsity_ext.data_sparsifier import DataNormSparsifier
 
 from conftest import HAS_CUDA, backend_available
@@ -45,15 +45,6 @@ def _level() -> float:
     return level
 
 
-def _implements(op: str, backend: str, device: str) -> bool:
-    try:
-        with sparsity_ext.use_backend(backend):
-            _backend.resolve(op, torch.device(device), torch.bfloat16)
-        return True
-    except RuntimeError:
-        return False
-
-
 def _assert_drops_last_rows(keep: torch.Tensor) -> None:
     assert keep.shape == (ROWS, COLS) and keep.numel() > 2**31
     assert not keep[-LOW_ROWS:].any() and keep[:-LOW_ROWS].all()
@@ -68,7 +59,7 @@ def test_masks_past_2_31_elements(tables, device, backend):
         _assert_drops_last_rows(ops.block_norm_mask(data, level, (1, 4), 4, 1))
         _assert_drops_last_rows(ops.unpack_mask(ops.block_norm_mask(data, level, (1, 4), 4, 1, packed=True),
                                                 data.shape))
-        if _implements("block_norm_mask_update_", backend, device):  # the cpu backend's (GPUs have none)
+        if backend_available(backend, device, "block_norm_mask_update_", torch.bfloat16):  # the cpu backend's (GPUs have none)
             keep = torch.ones(data.shape, dtype=torch.bool, device=device)
             ops.block_norm_mask_update_(data, keep, level, (1, 4), 4, 1)
             _assert_drops_last_rows(keep)

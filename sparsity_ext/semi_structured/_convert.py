@@ -98,10 +98,11 @@ def convert(model: nn.Module, fqns: Iterable[str] | None = None) -> nn.Module:
     The step after a 2:4 sparsifier's squash_mask() (the counterpart of torch.ao's convert step): each
     chosen layer's weight becomes nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False),
     so its forward runs torch's sparse (CUTLASS) matmul; on GPUs other than compute capability 8.x (where
-    torch's CUTLASS 2:4 kernels do not run, e.g. the H100) torch's cuSPARSELt subclass of the weight instead. Every chosen layer is checked first; if any cannot
-    be converted, a ValueError lists each one with the reason (not a Linear, a parametrization left,
-    dtype, shape, not 2:4-sparse, not on CUDA) and the model is left unchanged. Layers already holding a
-    semi-structured weight are left as they are, as are all modules not chosen.
+    torch's CUTLASS 2:4 kernels do not run, e.g. the H100) torch's cuSPARSELt subclass of the weight instead.
+    Every chosen layer is checked first; if any cannot be converted, a ValueError lists each one with the
+    reason (not a Linear, a parametrization left, dtype, shape, not 2:4-sparse, not on CUDA, a GPU neither
+    kernel runs on) and the model is left unchanged. Layers already holding a semi-structured weight are
+    left as they are, as are all modules not chosen.
 
     Args:
         model: the module whose layers to convert, in place.

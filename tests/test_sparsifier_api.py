@@ -351,7 +351,7 @@ def test_state_dict_layout_and_round_trip():
     assert torch.equal(reloaded["state"]["head.weight"]["mask"], state_dict["state"]["head.weight"]["mask"])
 
 
-def test_load_state_dict_copies_into_the_buffers_and_leaves_its_input_alone():
+def test_load_state_dict_adopts_the_given_masks_and_leaves_its_input_alone():
     source_model = Nested()
     source = sparsity_ext.WeightNormSparsifier(sparsity_level=0.7)
     source.prepare(source_model, [{"tensor_fqn": "seq.0.weight"}])
@@ -362,13 +362,25 @@ def test_load_state_dict_copies_into_the_buffers_and_leaves_its_input_alone():
         model = Nested(seed=2)
         sparsifier = sparsity_ext.WeightNormSparsifier()
         sparsifier.prepare(model, [{"tensor_fqn": "seq.0.weight"}])
-        buffer = mask_of(model, "seq.0.weight")
         sparsifier.load_state_dict(state_dict)
-        assert mask_of(model, "seq.0.weight") is buffer and buffer is not state_dict["state"]["seq.0.weight"]["mask"]
-        assert torch.equal(buffer, mask_of(source_model, "seq.0.weight"))
+        # as torch.ao.pruning: the state dict's own mask tensor is the parametrization's and the state's
+        assert mask_of(model, "seq.0.weight") is state_dict["state"]["seq.0.weight"]["mask"]
+        assert sparsifier.state["seq.0.weight"]["mask"] is mask_of(source_model, "seq.0.weight")
+        assert source.state == sparsifier.state
         assert sparsifier.groups[0]["sparsity_level"] == 0.7
     assert torch.equal(state_dict["state"]["seq.0.weight"]["mask"], kept["state"]["seq.0.weight"]["mask"])
     assert state_dict["groups"] == kept["groups"]
+
+
+def test_load_state_dict_moves_a_half_precision_tensors_float_mask_to_its_dtype():
+    model = Nested().to(torch.bfloat16)
+    sparsifier = FirstRowSparsifier()
+    sparsifier.prepare(model, [{"tensor_fqn": "head.weight"}])
+    saved = sparsifier.state_dict()
+    saved["state"]["head.weight"]["mask"] = torch.zeros(model.head.weight.shape)  # float32, as torch.ao saves it
+    sparsifier.load_state_dict(saved)
+    assert mask_of(model, "head.weight").dtype == torch.bfloat16
+    assert model.head.weight.dtype == torch.bfloat16 and not model.head.weight.any()
 
 
 def test_load_state_dict_parametrizes_tensors_that_were_not_prepared():

@@ -32,7 +32,8 @@ from ..sparsifier.base_sparsifier import BaseSparsifier
 from ..sparsifier.utils import fqn_to_module
 from . import prune_functions as pf
 from .match_utils import apply_match
-from .parametrization import BiasHook, FakeStructuredSparsity, module_contains_param, structured_mask
+from .parametrization import (BiasHook, FakeStructuredSparsity, module_contains_param, structured_mask,
+                             structured_parametrization)
 
 __all__ = ["BaseStructuredSparsifier"]
 
@@ -225,7 +226,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
     Workflow: prepare(model, config) -> step() (masks) -> prune() (a torch.fx GraphModule sharing the
     model's modules, with the pruned rows removed and the following layers shrunk to match).
 
-    load_state_dict takes a pruner's state_dict (its row masks are checked, then copied into the
+    load_state_dict takes a pruner's state_dict (its row masks are checked, then become the
     FakeStructuredSparsity masks); torch.ao.pruning's pruners cannot load their own, they stack a second,
     weight-shaped FakeSparsity on each tensor.
     """
@@ -340,7 +341,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
 
     # ------------------------------------------------------------------------------ load_state_dict
     # A pruner's masks have one entry per row, not the tensor's shape: BaseSparsifier.load_state_dict checks
-    # them and finds their buffers through these two hooks.
+    # them and finds their parametrizations through these two hooks.
     def _check_loaded_mask(self, mask: torch.Tensor, module: nn.Module, tensor_name: str, tensor_fqn: str) -> None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"load_state_dict: the mask of {tensor_fqn!r} must be a torch.Tensor, "
@@ -348,15 +349,16 @@ class BaseStructuredSparsifier(BaseSparsifier):
         rows = self._unmasked({"module": module, "tensor_name": tensor_name}).shape[0]
         _check_mask(mask, rows, f"load_state_dict: {tensor_fqn}")
 
-    def _mask_buffer_to_load_into(self, module: nn.Module, tensor_name: str, group: dict[str, Any]) -> torch.Tensor:
-        """The tensor's FakeStructuredSparsity mask; one (all True) and its BiasHook are attached if it has none."""
+    def _parametrization_to_load_into(self, module: nn.Module, tensor_name: str,
+                                      group: dict[str, Any]) -> FakeStructuredSparsity:
+        """The tensor's FakeStructuredSparsity; one (all True) and its BiasHook are attached if it has none."""
         try:
-            return structured_mask(module, tensor_name)
+            return structured_parametrization(module, tensor_name)
         except ValueError:
             tensor = self._unmasked({"module": module, "tensor_name": tensor_name})
-            mask = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
-            self._attach(module, tensor_name, group, mask)
-            return mask
+            self._attach(module, tensor_name, group,
+                         torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device))
+            return structured_parametrization(module, tensor_name)
 
     # ----------------------------------------------------------------------------------- prune
     def _plan(self, traced: GraphModule) -> list[tuple[Callable[..., None], list]]:

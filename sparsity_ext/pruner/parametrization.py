@@ -8,7 +8,8 @@ from torch.nn.utils import parametrize
 
 from ..sparsifier.utils import module_contains_param
 
-__all__ = ["FakeStructuredSparsity", "BiasHook", "module_contains_param", "structured_mask"]
+__all__ = ["FakeStructuredSparsity", "BiasHook", "module_contains_param", "structured_mask",
+           "structured_parametrization"]
 
 
 class FakeStructuredSparsity(nn.Module):
@@ -64,11 +65,16 @@ class BiasHook:
         return output + bias.reshape(shape)
 
 
-def structured_mask(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor:
-    """The mask of the FakeStructuredSparsity on module.<tensor_name>; ValueError if it has none."""
+def structured_parametrization(module: nn.Module, tensor_name: str = "weight") -> FakeStructuredSparsity:
+    """The FakeStructuredSparsity on module.<tensor_name>; ValueError if it has none."""
     if parametrize.is_parametrized(module, tensor_name):
         for p in module.parametrizations[tensor_name]:
             if isinstance(p, FakeStructuredSparsity):
-                return p.mask
+                return p
     raise ValueError(f"{parametrize.type_before_parametrizations(module).__name__}.{tensor_name} "
                      "has no FakeStructuredSparsity parametrization (was the pruner prepared?)")
+
+
+def structured_mask(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor:
+    """The mask of the FakeStructuredSparsity on module.<tensor_name>; ValueError if it has none."""
+    return structured_parametrization(module, tensor_name).mask

@@ -4,8 +4,8 @@ Mirrors torch.ao.pruning.BaseSparsifier: same constructor, config keys, methods,
 `update_mask`), module-level SUPPORTED_MODULES / KEYS_NOT_IN_STATE_DICT and state_dict layout, so a
 state_dict saved by either library loads into the other. Deviations, all on input torch.ao.pruning
 mishandles, are listed in the methods' docstrings; in short: every config and loaded mask is
-validated before the model is touched, load_state_dict leaves the given state_dict unchanged and
-copies masks into the existing mask buffers.
+validated before the model is touched, and load_state_dict leaves the given state_dict unchanged
+(torch.ao.pruning pops its masks).
 """
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def _check_mask_fits(mask, tensor: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: mask is on {mask.device} but the tensor is on {tensor.device}")
     if torch.result_type(mask, tensor) != tensor.dtype:
         raise ValueError(f"{where}: a {mask.dtype} mask would change the tensor's dtype {tensor.dtype}")
+
+
+def _mask_for(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """A loaded mask as the mask of `tensor`: the same tensor object where it can be (torch.ao.pruning keeps it);
+    moved to the tensor's device, and cast to an fp16/bf16 tensor's dtype when a float mask would turn
+    the tensor float32 (its module's forward would then fail on half-precision inputs)."""
+    if mask.device != tensor.device:
+        mask = mask.to(tensor.device)
+    if (tensor.dtype in (torch.float16, torch.bfloat16) and mask.is_floating_point()
+            and torch.result_type(mask, tensor) != tensor.dtype):
+        mask = mask.to(tensor.dtype)
+    return mask
 
 
 def _find_fake_sparsity(module: nn.Module, tensor_name: str) -> FakeSparsity | None:
@@ -145,12 +157,15 @@ class BaseSparsifier(abc.ABC):
         """Loads the groups and masks of `state_dict` (from this class or torch.ao.pruning's) into the
         model given to `prepare`.
 
-        Each saved mask is copied into the tensor's FakeSparsity mask buffer (one is registered if the
-        tensor has none), so the buffer keeps its identity, dtype and device.
-        Unlike torch.ao.pruning, `state_dict` is not modified and this sparsifier's state keeps the
-        masks, so a later state_dict() still holds them; every entry is checked before anything is
-        changed. With strict=False, state entries and groups whose tensor is not in the model are
-        skipped instead of raising.
+        As in torch.ao.pruning, each saved mask tensor itself becomes the mask of the tensor's
+        FakeSparsity (one is registered if the tensor has none) and of this sparsifier's state, so after
+        `s1.load_state_dict(s0.state_dict())` the two sparsifiers (and models) share their mask tensors
+        and `s0.state == s1.state` holds. A mask on another device than its tensor is moved there, and a
+        float mask that would change an fp16/bf16 tensor's dtype is cast to it (those are copies).
+        Unlike torch.ao.pruning, which pops the masks out of the given dicts (so neither sparsifier's
+        state holds them any more), `state_dict` is left unchanged and the state keeps the masks; every
+        entry is checked before anything is changed. With strict=False, state entries and groups whose
+        tensor is not in the model are skipped instead of raising.
         """
         if not hasattr(self, "model"):
             raise RuntimeError(f"{type(self).__name__}.load_state_dict: call prepare(model, config) first")
@@ -173,12 +188,12 @@ class BaseSparsifier(abc.ABC):
             if tensor_fqn not in found:
                 continue
             module, tensor_name = found[tensor_fqn]["module"], found[tensor_fqn]["tensor_name"]
-            mask_buffer = self._mask_buffer_to_load_into(module, tensor_name, saved_groups.get(tensor_fqn, {}))
+            parametrization = self._parametrization_to_load_into(module, tensor_name, saved_groups.get(tensor_fqn, {}))
             state[tensor_fqn] = dict(saved)
             if saved.get("mask") is not None:
-                with torch.no_grad():
-                    mask_buffer.copy_(saved["mask"])
-                state[tensor_fqn]["mask"] = mask_buffer
+                mask = _mask_for(saved["mask"], module.parametrizations[tensor_name].original)
+                parametrization.mask = mask  # replaces the buffer, as torch.ao.pruning's load does
+                state[tensor_fqn]["mask"] = mask
         for group in groups:
             if group["tensor_fqn"] in found:
                 group.update(found[group["tensor_fqn"]])
@@ -187,19 +202,22 @@ class BaseSparsifier(abc.ABC):
     def _check_loaded_mask(self, mask: torch.Tensor, module: nn.Module, tensor_name: str, tensor_fqn: str) -> None:
         """Raises unless a saved mask fits module.<tensor_name> (a mask of the tensor's shape); load_state_dict
         runs it on every mask before changing anything."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"load_state_dict: the mask of {tensor_fqn!r} must be a torch.Tensor, "
+                            f"got {type(mask).__name__}")
         shape = checked_shape(module, tensor_name, "load_state_dict")
         if mask.shape != shape:
             raise ValueError(f"load_state_dict: mask of {tensor_fqn!r} has shape {tuple(mask.shape)}, "
                              f"the tensor has shape {tuple(shape)}")
 
-    def _mask_buffer_to_load_into(self, module: nn.Module, tensor_name: str, group: dict[str, Any]) -> torch.Tensor:
-        """The mask buffer load_state_dict copies module.<tensor_name>'s saved mask into: its FakeSparsity's,
-        registered first (all ones) if it has none. `group` is the tensor's saved group ({} if none)."""
+    def _parametrization_to_load_into(self, module: nn.Module, tensor_name: str, group: dict[str, Any]) -> nn.Module:
+        """The parametrization whose mask load_state_dict replaces by module.<tensor_name>'s saved mask: its
+        FakeSparsity, registered first (all ones) if it has none. `group` is the tensor's saved group ({} if none)."""
         fake_sparsity = _find_fake_sparsity(module, tensor_name)
         if fake_sparsity is None:
             fake_sparsity = FakeSparsity(torch.ones_like(getattr(module, tensor_name)))
             parametrize.register_parametrization(module, tensor_name, fake_sparsity)
-        return fake_sparsity.mask
+        return fake_sparsity
 
     # ------------------------------------------------------------------------------------ prepare
     def make_config_from_model(self, model: nn.Module,

@@ -82,15 +82,18 @@ def test_per_layer_nearliness_and_state_dict_round_trip():
     (13, (6, 6), ValueError, "larger than the dimensions"),
     (1.0, (6, 6), TypeError, "int"),
 ])
-def test_bad_nearliness_raises_before_touching_the_model(nearliness, shape, error, message):
+def test_bad_nearliness_is_accepted_at_prepare_and_raises_at_step_before_touching_the_model(
+        nearliness, shape, error, message):
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(shape[1], shape[0]))
-    before = snapshot(model)
     sparsifier = sparsity_ext.NearlyDiagonalSparsifier(nearliness=1)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "1.weight", "nearliness": nearliness}])
+    before = snapshot(model)
     with pytest.raises(error, match=message):
-        sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "1.weight", "nearliness": nearliness}])
-    assert_same_snapshot(before, snapshot(model))
+        sparsifier.step()
+    assert_same_snapshot(before, snapshot(model))  # the legal first group's mask was not written either
 
-    sparsifier = sparsity_ext.NearlyDiagonalSparsifier(nearliness=1)  # the same, set after prepare
+    sparsifier = sparsity_ext.NearlyDiagonalSparsifier(nearliness=1)  # the same, set after a good step
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(shape[1], shape[0]))
     sparsifier.prepare(model, None)
     sparsifier.step()
     before = snapshot(model)
@@ -101,19 +104,29 @@ def test_bad_nearliness_raises_before_touching_the_model(nearliness, shape, erro
     assert_same_snapshot(before, snapshot(model))
 
 
-def test_torch_ao_raises_on_the_same_nearliness():
+def test_torch_ao_accepts_the_same_nearliness_at_prepare_and_raises_at_step():
     for nearliness, shape in ((2, (6, 6)), (7, (3, 8))):
         model, sparsifier = _prepared(tao.NearlyDiagonalSparsifier, [shape], nearliness)
         with pytest.raises(ValueError):
             sparsifier.step()
 
 
-def test_non_2d_weights_are_rejected():
+@pytest.mark.parametrize("lib", [sparsity_ext, tao], ids=["sparsity_ext", "torch.ao"])
+def test_non_2d_weights_are_accepted_at_prepare_and_raise_at_step(lib):
     conv = nn.Sequential(nn.Conv2d(4, 4, 3))
-    before = snapshot(conv)
-    with pytest.raises(ValueError, match="2-D"):
-        sparsity_ext.NearlyDiagonalSparsifier(nearliness=1).prepare(conv, [{"tensor_fqn": "0.weight"}])
-    assert_same_snapshot(before, snapshot(conv))
+    sparsifier = lib.NearlyDiagonalSparsifier(nearliness=1)
+    sparsifier.prepare(conv, [{"tensor_fqn": "0.weight"}])
+    with pytest.raises(ValueError):
+        sparsifier.step()
+
+
+@pytest.mark.parametrize("lib", [sparsity_ext, tao], ids=["sparsity_ext", "torch.ao"])
+def test_nearliness_zero_masks_a_non_2d_weight(lib):
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3))
+    sparsifier = lib.NearlyDiagonalSparsifier(nearliness=0)
+    sparsifier.prepare(conv, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    assert not conv[0].weight.any()
 
 
 def test_meta_model_gives_torch_ao_mask_shape():

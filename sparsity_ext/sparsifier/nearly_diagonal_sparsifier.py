@@ -12,15 +12,16 @@ __all__ = ["NearlyDiagonalSparsifier"]
 
 
 def _check_nearliness(nearliness, shape, where: str) -> int:
-    """Validated nearliness for a tensor of `shape`: an int, and when > 0 odd with a half-width below
-    min(rows, cols); the tensor must be 2-D."""
-    if len(shape) != 2:
-        raise ValueError(f"{where}: needs a 2-D tensor, got shape {tuple(shape)}")
+    """Validated nearliness for a tensor of `shape`: an int; when > 0 the tensor must be 2-D and the
+    nearliness odd with a half-width below min(rows, cols). (torch.ao.pruning's order of checks: a
+    nearliness <= 0 masks a tensor of any shape.)"""
     if isinstance(nearliness, bool) or not isinstance(nearliness, numbers.Integral):
         raise TypeError(f"{where}: nearliness must be an int, got {nearliness!r}")
     nearliness = int(nearliness)
     if nearliness <= 0:
         return nearliness
+    if len(shape) != 2:
+        raise ValueError(f"{where}: needs a 2-D tensor, got shape {tuple(shape)}")
     if nearliness % 2 == 0:
         raise ValueError(f"{where}: nearliness can only be an odd number, got {nearliness}")
     if nearliness // 2 >= min(shape):
@@ -41,15 +42,23 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
     Args:
         nearliness: number of kept diagonals; odd, with nearliness // 2 < min(rows, cols). 1 keeps the
             main diagonal only; nearliness <= 0 masks everything (as torch.ao.pruning does).
-    Only 2-D tensors; bad arguments raise before any mask changes.
+    Only 2-D tensors. As in torch.ao.pruning, prepare() accepts any nearliness and step() raises
+    ValueError for an illegal one; the masks are left unchanged then (torch.ao.pruning zeroes them).
     """
 
     def __init__(self, nearliness: int = 1):
         super().__init__(defaults={"nearliness": nearliness})
 
-    def _validate_group(self, group) -> None:
-        where = f"{type(self).__name__} ({group['tensor_fqn']})"
-        _check_nearliness(group["nearliness"], checked_shape(group["module"], group["tensor_name"], where), where)
+    def step(self, use_path: bool = True) -> None:
+        """Writes every group's band mask. As in torch.ao.pruning, a nearliness is checked here, not at
+        prepare(): an illegal one (even, or too wide for the tensor) raises ValueError; unlike
+        torch.ao.pruning, which zeroes the mask first, before any mask changes."""
+        if self.enable_mask_update:
+            for group in self.groups:
+                where = f"{type(self).__name__} ({group['tensor_fqn']})"
+                _check_nearliness(group["nearliness"], checked_shape(group["module"], group["tensor_name"], where),
+                                  where)
+        super().step(use_path)
 
     def update_mask(self, module, tensor_name, nearliness, **kwargs):
         """Writes the band mask into module.<tensor_name>'s mask buffer (in place)."""

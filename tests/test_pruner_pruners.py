@@ -165,12 +165,31 @@ class ThreeFilters(nn.Module):
 def test_fpgm_distance_is_the_sum_of_distances_to_every_filter():
     filters = ThreeFilters().conv2d1.weight
     # pairwise L2 distances: |3-2|*3 = 3, |3-0.1|*3 = 8.7, |2-0.1|*3 = 5.7 (9 elements each)
-    # the built-in distances are float64 (the same ranking on CPU and CUDA), a callable's keep its dtype
+    # the built-in distances have the weight's dtype, as torch.ao.pruning's
     l2_sums, l1_sums = FPGMPruner()._compute_distance(filters), FPGMPruner(dist=1)._compute_distance(filters)
-    torch.testing.assert_close(l2_sums, torch.tensor([11.7, 8.7, 14.4], dtype=torch.float64))
-    torch.testing.assert_close(l1_sums, torch.tensor([35.1, 26.1, 43.2], dtype=torch.float64))
+    torch.testing.assert_close(l2_sums, torch.tensor([11.7, 8.7, 14.4]))
+    torch.testing.assert_close(l1_sums, torch.tensor([35.1, 26.1, 43.2]))
     chebyshev = FPGMPruner(dist=lambda x: torch.cdist(x, x, p=float("inf")))
     torch.testing.assert_close(chebyshev._compute_distance(filters), torch.tensor([3.9, 2.9, 4.8]))
+
+
+@pytest.mark.parametrize("dist", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fpgm_distance_dtype_is_torch_aos(dist, dtype):
+    filters = tie_free((5, 2, 3, 3), seed=4).to(dtype)
+    ours = FPGMPruner(dist=dist)._compute_distance(filters)
+    theirs = torch_pruner.FPGMPruner(dist=dist)._compute_distance(filters)
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fpgm_distance_of_half_precision_weights_is_float32(dtype):
+    # torch.ao.pruning's cdist rejects these dtypes on the CPU; they are scored in float32
+    filters = tie_free((5, 2, 3, 3), seed=4).to(dtype)
+    distance = FPGMPruner()._compute_distance(filters)
+    assert distance.dtype == torch.float32
+    torch.testing.assert_close(distance, FPGMPruner()._compute_distance(filters.float()))
 
 
 def test_fpgm_prunes_the_filter_nearest_the_others_not_the_smallest():

@@ -31,11 +31,13 @@ class FPGMPruner(BaseStructuredSparsifier):
     Distances are one torch.cdist over the flattened rows (on the weight's device), summed in blocks of
     rows for very large layers. Ties go to the lower row index.
 
-    The built-in distances are computed, summed and ranked in float64 (so _compute_distance returns
-    float64 for them): a float32 cdist of many rows takes the matmul path (|x|^2 + |y|^2 - 2 x.y), whose
-    cancellation error differs between CPU and CUDA GEMMs and can swap rows whose sums are a few float32
-    ulps apart, so the same weight would lose different filters on different devices. torch.ao.pruning
-    ranks float32 sums; its masks are the same wherever its rounding error does not reorder two rows.
+    The built-in distances are computed and summed in float64, then returned (and ranked) in the weight's
+    dtype, as torch.ao.pruning returns them: a float32 cdist of many rows takes the matmul path
+    (|x|^2 + |y|^2 - 2 x.y), whose cancellation error differs between CPU and CUDA GEMMs and can swap rows
+    whose sums are a few float32 ulps apart, so the same weight would lose different filters on different
+    devices; the float64 sums rounded once do not. torch.ao.pruning's masks are the same wherever its own
+    rounding error does not reorder two rows. fp16/bf16 weights (which torch.ao.pruning's cdist rejects on
+    the CPU) are scored in float32.
     """
 
     def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None):
@@ -54,13 +56,15 @@ class FPGMPruner(BaseStructuredSparsifier):
         check_level(group, low=None, high=None)
 
     def _compute_distance(self, t: torch.Tensor) -> torch.Tensor:
-        """For each row (dim-0 slice) of t, the sum of its distances to every row (float64 for dist 1 and 2)."""
+        """For each row (dim-0 slice) of t, the sum of its distances to every row, in t's dtype (float32 for
+        fp16/bf16; a custom dist_fn's result keeps its own dtype)."""
         rows = t.reshape(t.shape[0], -1)
         if self._p is None:
             return self.dist_fn(rows).abs().sum(dim=1)
-        rows = rows.to(torch.float64)  # see the class docstring: the same ranking on every device
-        block = max(1, _MAX_DISTANCES_AT_ONCE // max(rows.shape[0], 1))
-        return torch.cat([torch.cdist(chunk, rows, p=self._p).sum(dim=1) for chunk in rows.split(block)])
+        wide = rows.to(torch.float64)  # see the class docstring: the same ranking on every device
+        block = max(1, _MAX_DISTANCES_AT_ONCE // max(wide.shape[0], 1))
+        sums = torch.cat([torch.cdist(chunk, wide, p=self._p).sum(dim=1) for chunk in wide.split(block)])
+        return sums.to(torch.promote_types(t.dtype, torch.float32))
 
     def update_mask(self, module: nn.Module, tensor_name: str, sparsity_level: float, **kwargs) -> None:
         weight = getattr(module, tensor_name)

@@ -457,3 +457,48 @@ def test_sparsifies_on_cuda_like_on_cpu():
         masks = gpu.get_mask(name)
         masks = [m.cpu() for m in masks] if isinstance(masks, list) else masks.cpu()
         assert_masks_equal(masks, cpu.get_mask(name))
+
+
+def wrong_shape_mask(data, sparsity_level):
+    return torch.ones(data.shape[-1] + 1)
+
+
+@pytest.mark.parametrize("features", [None, [0, 5]])
+def test_mask_fn_result_that_does_not_fit_the_input_raises_at_step(features):
+    torch.manual_seed(0)
+    model = Net()
+    sparsifier = ActivationSparsifier(model, **DEFAULTS, sparsity_level=0.5)
+    sparsifier.register_layer(model.linear2, mask_fn=wrong_shape_mask, features=features,
+                              feature_dim=None if features is None else 1)
+    model(batches(1)[0])
+    before = [m.clone() for m in (sparsifier.get_mask("linear2") if features else [sparsifier.get_mask("linear2")])]
+    with pytest.raises(ValueError, match=r"mask_fn of 'linear2' returned a mask of shape .* does not broadcast"):
+        sparsifier.step()
+    after = sparsifier.get_mask("linear2") if features else [sparsifier.get_mask("linear2")]
+    assert all(torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_torch_ao_takes_the_same_mask_and_fails_only_at_a_forward_after_squash_mask():
+    torch.manual_seed(0)
+    model = Net()
+    sparsifier = TorchActivationSparsifier(model, **DEFAULTS, sparsity_level=0.5)
+    sparsifier.register_layer(model.linear2, mask_fn=wrong_shape_mask)
+    model(batches(1)[0])
+    sparsifier.step()
+    sparsifier.squash_mask()
+    with pytest.raises(RuntimeError):
+        model(batches(1)[0])
+
+
+def test_a_mask_that_broadcasts_to_the_input_is_accepted():
+    # mean_over_batch drops the batch dim: a (32,) mask multiplies every (4, 32) input row
+    torch.manual_seed(0)
+    model = Net()
+    sparsifier = ActivationSparsifier(model, **DEFAULTS, sparsity_level=0.5)
+    sparsifier.register_layer(model.linear2, mask_fn=norm_mask)
+    x = batches(1)[0]
+    model(x)
+    sparsifier.step()
+    assert sparsifier.get_mask("linear2").shape == (32,)
+    sparsifier.squash_mask()
+    assert model(x).shape == (4, 10)

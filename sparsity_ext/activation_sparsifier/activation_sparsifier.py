@@ -135,6 +135,9 @@ class ActivationSparsifier:
         self.defaults["feature_dim"] = feature_dim
         self.data_groups: dict[str, dict[str, Any]] = defaultdict(dict)
         self.state: dict[str, dict[str, Any]] = defaultdict(dict)
+        # layer name -> the shape of its last input (a list, one per feature, with features): a mask_fn
+        # result is checked against it at step(), not first found wrong at a forward after squash_mask()
+        self._input_shapes: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ checks
     @staticmethod
@@ -177,11 +180,13 @@ class ActivationSparsifier:
             aggregate = config.get("data")
             with torch.no_grad():
                 if features is None:
+                    self._input_shapes[name] = x.shape
                     if state.get("mask") is None:
                         state["mask"] = torch.ones_like(x)
                     config["data"] = aggregate_fn(torch.zeros_like(x) if aggregate is None else aggregate, x)
                     return
                 selected = [torch.index_select(x, feature_dim, _feature_index(f, x.device)) for f in features]
+                self._input_shapes[name] = [s.shape for s in selected]
                 if state.get("mask") is None:
                     state["mask"] = [torch.ones_like(s) for s in selected]
                 previous = [torch.zeros_like(s) for s in selected] if aggregate is None else aggregate
@@ -278,20 +283,34 @@ class ActivationSparsifier:
         """Sets the layer's mask to mask_fn(reduce_fn(data), **sparse_config), per feature with features.
 
         The mask tensors keep their identity (their .data is replaced), so hooks holding them see the
-        new values."""
+        new values. A mask_fn result that is no tensor, or that does not broadcast to the layer's last
+        input shape (so the sparsify hook's input * mask would fail or change the input's shape), raises
+        here, before this layer's mask changes (torch.ao.pruning takes it and fails at a later forward)."""
         mask = self.get_mask(name)
         sparse_config, reduce_fn, mask_fn = configs["sparse_config"], configs["reduce_fn"], configs["mask_fn"]
+        input_shape = self._input_shapes.get(name)
         if configs["features"] is None:
-            mask.data = self._checked_mask(mask_fn(reduce_fn(data), **sparse_config), name)
+            mask.data = self._checked_mask(mask_fn(reduce_fn(data), **sparse_config), name, input_shape)
             return
-        new_masks = [self._checked_mask(mask_fn(reduce_fn(d), **sparse_config), name) for d in data]
+        shapes = input_shape if input_shape is not None else [None] * len(data)
+        new_masks = [self._checked_mask(mask_fn(reduce_fn(d), **sparse_config), name, shape)
+                     for d, shape in zip(data, shapes)]
         for feature_mask, new_mask in zip(mask, new_masks):
             feature_mask.data = new_mask
 
     @staticmethod
-    def _checked_mask(mask, name: str) -> torch.Tensor:
+    def _checked_mask(mask, name: str, input_shape: torch.Size | None) -> torch.Tensor:
+        """mask, if it is a tensor that broadcasts to input_shape (None: not known, not checked)."""
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask_fn of {name!r} must return a torch.Tensor, got {type(mask).__name__}")
+        if input_shape is not None:
+            try:
+                fits = torch.broadcast_shapes(mask.shape, input_shape) == input_shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"mask_fn of {name!r} returned a mask of shape {tuple(mask.shape)}, which does "
+                                 f"not broadcast to the layer's input shape {tuple(input_shape)}")
         return mask
 
     def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs) -> None:

@@ -7,6 +7,7 @@ from . import _extension  # noqa: F401  (loads the compiled kernels, or warns on
 from . import ops
 from ._backend import current_backend, use_backend
 from ._info import info
+from ._mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_quantized_mapping
 from .accelerate import accelerate_torch_ao, restore_torch_ao
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import (BaseSparsifier, FakeSparsity, NearlyDiagonalSparsifier, WeightNormSparsifier,
@@ -14,5 +15,6 @@ from .sparsifier import (BaseSparsifier, FakeSparsity, NearlyDiagonalSparsifier,
 
 __all__ = ["ops", "use_backend", "current_backend", "info", "accelerate_torch_ao", "restore_torch_ao",
            "BaseSparsifier", "WeightNormSparsifier", "NearlyDiagonalSparsifier", "FakeSparsity",
-           "BaseScheduler", "LambdaSL", "CubicSL", "fqn_to_module", "module_to_fqn", "get_arg_info_from_tensor_fqn"]
+           "BaseScheduler", "LambdaSL", "CubicSL", "fqn_to_module", "module_to_fqn", "get_arg_info_from_tensor_fqn",
+           "get_static_sparse_quantized_mapping", "get_dynamic_sparse_quantized_mapping"]
 __version__ = "0.1.0"

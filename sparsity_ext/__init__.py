@@ -9,6 +9,7 @@ from ._backend import current_backend, use_backend
 from ._info import info
 from ._mappings import get_dynamic_sparse_quantized_mapping, get_static_sparse_quantized_mapping
 from .accelerate import accelerate_torch_ao, restore_torch_ao
+from .checkpoint import load_checkpoint
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import (BaseSparsifier, FakeSparsity, NearlyDiagonalSparsifier, WeightNormSparsifier,
                          fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn)

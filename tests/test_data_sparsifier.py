@@ -519,6 +519,20 @@ def test_sparsity_level_bounds(norm):
         assert zero_fraction == min(max(level, 0.0), 1.0) * zeros / (block[0] * block[1]), (level, block, zeros)
 
 
+def test_negative_level_masks_nothing_where_torch_ao_masks_most_blocks():
+    # torch.ao.pruning slices its sorted blocks with the negative count round(-0.1 * 40) = -4: all but 4 go
+    data = tie_free((10, 16))
+    masks = []
+    for cls in (DataNormSparsifier, TorchDataNormSparsifier):
+        sparsifier = cls(sparsity_level=-0.1)
+        sparsifier.add_data("table", data.clone())
+        sparsifier.step()
+        masks.append(sparsifier.get_mask("table"))
+    ours, theirs = masks
+    assert ours.all()
+    assert int((theirs == 0).sum()) == 36 * 4
+
+
 @pytest.mark.parametrize("norm", ["L1", "L2"])
 @pytest.mark.parametrize("mask_dtype", [None, torch.bool, "packed"])
 def test_2_of_4(norm, mask_dtype):

@@ -41,7 +41,7 @@ import torch
 from . import ops
 from .checks import FLOAT_DTYPES
 
-__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint", "load_checkpoint", "SafetensorsWriter",
+__all__ = ["CheckpointError", "Checkpoint", "detect_format", "open_checkpoint", "load_checkpoint", "SafetensorsWriter",
            "TensorPacker", "packed_part_names", "write_safetensors", "atomic_write", "PACKED_FORMAT", "PACKED_VERSION",
            "PACKED_METADATA_KEY", "SAFETENSORS_DTYPES"]
 
@@ -67,7 +67,7 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ detection
-def _sniff(path: Path) -> str:
+def detect_format(path: Path) -> str:
     """'torch-zip', 'torch-legacy' or 'safetensors' from the file's first bytes; raises CheckpointError."""
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
@@ -232,7 +232,7 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
         CheckpointError: not a checkpoint, damaged or truncated, or pickled objects without allow_pickle.
     """
     path = Path(path)
-    kind = _sniff(path)
+    kind = detect_format(path)
     if kind != "safetensors":
         return Checkpoint.from_object(_torch_load(path, kind, allow_pickle))
     header = _read_safetensors_header(path)
@@ -467,8 +467,7 @@ class SafetensorsWriter:
     def _header(self, entries: dict) -> bytes:
         return json.dumps({"__metadata__": self._metadata, **entries}, separators=(",", ":")).encode()
 
-    def write(self, key: str, pieces: Iterable[torch.Tensor], shape: tuple[int, ...] | None = None,
-              progress: Callable[[int], None] | None = None) -> int:
+    def write(self, key: str, pieces: Iterable[torch.Tensor]) -> int:
         """Writes the next planned tensor from `pieces` (concatenated); returns its bytes."""
         index = len(self._entries)
         if index >= len(self._plan) or self._plan[index][0] != key:
@@ -479,14 +478,10 @@ class SafetensorsWriter:
             if piece.dtype != dtype:
                 raise RuntimeError(f"SafetensorsWriter: {key!r} piece has dtype {piece.dtype}, planned {dtype}")
             raw = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            for offset in range(0, raw.size, _ROW_CHUNK_BYTES):
-                part = raw[offset:offset + _ROW_CHUNK_BYTES]
-                self._handle.write(memoryview(part))
-                if progress is not None:
-                    progress(part.size)
+            self._handle.write(memoryview(raw))
             numel += piece.numel()
             self._offset += raw.size
-        final_shape = tuple(planned_shape if planned_shape is not None else shape if shape is not None else (numel,))
+        final_shape = tuple(planned_shape) if planned_shape is not None else (numel,)
         if math.prod(final_shape) != numel or (planned_shape is None and numel > max_numel):
             raise RuntimeError(f"SafetensorsWriter: {key!r} got {numel} elements for shape {final_shape}")
         self._entries[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(final_shape),
@@ -503,8 +498,8 @@ class SafetensorsWriter:
 
 
 def write_safetensors(handle, checkpoint: Checkpoint, pack_blocks: Mapping[str, tuple[int, int]],
-                      prepare: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, tensor: tensor,
-                      progress: Callable[[int], None] | None = None) -> dict[str, int]:
+                      prepare: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, tensor: tensor
+                      ) -> dict[str, int]:
     """Writes every tensor of `checkpoint` into a safetensors file, one at a time: dense, or packed (the layout
     above) for the names in pack_blocks. prepare(name, tensor) returns what to store (e.g. sparsifies it).
 
@@ -541,11 +536,11 @@ def write_safetensors(handle, checkpoint: Checkpoint, pack_blocks: Mapping[str, 
     for name in order:
         tensor = prepare(name, checkpoint.tensor(name))
         if name not in pack_blocks:
-            stored[name] = writer.write(name, [tensor], progress=progress)
+            stored[name] = writer.write(name, [tensor])
             continue
         packer = TensorPacker(tensor, pack_blocks[name])
         values_key, mask_key, signs_key = packed_part_names(name)
-        stored[name] = (writer.write(values_key, packer.values(), progress=progress)
+        stored[name] = (writer.write(values_key, packer.values())
                         + writer.write(mask_key, [packer.mask()]) + writer.write(signs_key, [packer.zero_signs()]))
         del tensor, packer
     writer.finish()

@@ -202,9 +202,17 @@ def _dtype_of(code: str, name: str) -> torch.dtype:
 
 
 def _torch_load(path: Path, kind: str, allow_pickle: bool):
-    mmap = kind == "torch-zip"  # legacy pickles cannot be memory-mapped
+    # torch.load reads a path named *.safetensors as safetensors, whatever it holds: such a file goes in as an
+    # open handle, which cannot be memory-mapped; neither can legacy pickles.
+    by_handle = path.name.endswith(".safetensors")
+    mmap = kind == "torch-zip" and not by_handle
+    with open(path, "rb") if by_handle else contextlib.nullcontext(path) as source:
+        return _torch_load_from(source, path, mmap, allow_pickle)
+
+
+def _torch_load_from(source, path: Path, mmap: bool, allow_pickle: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch.load raises many types on damaged files
         message = str(exc)
         if "Unsupported global" not in message and "Unsupported operand" not in message:
@@ -214,8 +222,10 @@ def _torch_load(path: Path, kind: str, allow_pickle: bool):
         if not allow_pickle:
             raise CheckpointError(f"{str(path)!r} holds pickled Python objects (a whole model?); loading it runs "
                                   f"code from the file: pass --allow-pickle if you trust it") from exc
+    if hasattr(source, "seek"):
+        source.seek(0)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(source, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 

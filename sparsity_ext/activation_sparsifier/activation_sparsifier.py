@@ -25,6 +25,8 @@ Differences from torch.ao.pruning (torch.ao.pruning raises, silently misbehaves 
   aggregated activations, `squash_mask` before any forward, a state_dict naming layers the model
   lacks, and a layer registered twice (torch.ao.pruning warns and silently replaces the first config
   and drops its mask; here re-configuring a layer is explicit: unregister_layer, then register_layer).
+- A mask_fn result that does not broadcast to the layer's input shape raises ValueError at the step()
+  that produced it (torch.ao.pruning keeps it, and the forward after squash_mask fails).
 - `squash_mask(attach_sparsify_hook=False)` records hook_state "None" (torch.ao.pruning records
   "sparsify" though no hook is attached); load_state_dict removes the hooks this sparsifier had
   attached before attaching the loaded ones.

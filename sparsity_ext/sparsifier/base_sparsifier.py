@@ -107,6 +107,10 @@ class BaseSparsifier(abc.ABC):
         state: {tensor_fqn: {"mask": the mask buffer, ...}}; subclasses may add entries.
         enable_mask_update: when False, `step` does nothing (a scheduler's step turns it back on).
 
+    Differs from torch.ao.pruning only on input it mishandles: configs are checked before the model
+    changes, and load_state_dict leaves the given state dict (and so the saving sparsifier's state)
+    with its masks, which torch.ao.pruning pops.
+
     Example::
 
         >>> sparsifier = WeightNormSparsifier(sparsity_level=0.5)  # a concrete subclass

@@ -293,3 +293,204 @@ def test_interrupted_write_leaves_everything_as_it_was(checkpoint, tmp_path, cap
 def test_info_still_works(capsys):
     assert cli.main(["info"]) == 0
     assert "block_norm_mask" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ formats and round trips
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sparsity_ext import load_checkpoint  # noqa: E402
+
+
+def _flat_state_dict():
+    sd = _state_dict()
+    sd["emb_h.weight"] = tie_free((64, 32), seed=6).half()
+    return sd
+
+
+def _sparsified(sd, names):
+    """The dense result `sparsify` must give: DataNormSparsifier on copies of `names`, the rest untouched."""
+    return {name: (_expected(t) if name in names else t) for name, t in sd.items()}
+
+
+SPARSIFIED = ("emb_a.weight", "emb_b.weight", "emb_h.weight")  # the default: >= 2-D tensors matching 'emb'
+
+
+def _assert_state_dicts_equal(result, expected):
+    assert set(result) == set(expected)
+    for name in expected:
+        assert _same_bytes(result[name], expected[name]), name
+
+
+@pytest.mark.parametrize("in_name,out_name", [("model.pt", "out.pt"), ("model.safetensors", "out.safetensors"),
+                                              ("model.pt", "out.safetensors"), ("model.safetensors", "out.pth")])
+def test_dense_round_trips(tmp_path, capsys, in_name, out_name):
+    sd = _flat_state_dict()
+    source, out_path = tmp_path / in_name, tmp_path / out_name
+    if in_name.endswith(".safetensors"):
+        save_file(sd, source, metadata={"origin": "test"})
+    else:
+        torch.save(sd, source)
+    before = _digest(source)
+    status, out, _ = _run(["sparsify", source, "-o", out_path], capsys)
+    assert status == 0 and _digest(source) == before
+    assert "4 matched, 3 sparsified, 1 skipped" in out and "skipped emb_bias: 1-D" in out
+    result = load_file(out_path) if out_name.endswith(".safetensors") else torch.load(out_path)
+    _assert_state_dicts_equal(result, _sparsified(sd, SPARSIFIED))
+    if out_name.endswith(".safetensors"):  # the content agrees with the name, metadata kept where there was some
+        with safe_open(str(out_path), framework="pt") as handle:
+            assert handle.metadata() == ({"origin": "test"} if in_name.endswith(".safetensors") else {})
+    if out_name == "out.pth":
+        assert "metadata (origin) has no place in a .pt file" in out
+
+
+def test_pt_to_packed_to_unpack(tmp_path, capsys):
+    sd = _flat_state_dict()
+    source = tmp_path / "model.pt"
+    torch.save(sd, source)
+    dense_out, packed_out = tmp_path / "dense.pt", tmp_path / "model.sparse.safetensors"
+    assert _run(["sparsify", source, "-o", dense_out], capsys)[0] == 0
+    status, out, _ = _run(["sparsify", source, "-o", packed_out], capsys)  # packed: by the name
+    assert status == 0 and "packed MB" in out
+    assert f"wrote {packed_out}: " in out and f"input {source}: " in out and "% of the input" in out
+    dense = torch.load(dense_out)
+    _assert_state_dicts_equal(load_checkpoint(packed_out), dense)
+    with safe_open(str(packed_out), framework="pt") as handle:  # any safetensors reader opens it
+        assert "emb_a.weight::values" in handle.keys() and "mlp.weight" in handle.keys()
+        _assert_state_dicts_equal({"mlp.weight": handle.get_tensor("mlp.weight")}, {"mlp.weight": sd["mlp.weight"]})
+    for unpacked_name, load in (("unpacked.safetensors", load_file), ("unpacked.pt", torch.load)):
+        unpacked = tmp_path / unpacked_name
+        status, out, _ = _run(["unpack", packed_out, "-o", unpacked], capsys)
+        assert status == 0 and f"wrote {unpacked}" in out
+        _assert_state_dicts_equal(load(unpacked), dense)
+
+
+def test_default_output_of_a_safetensors_checkpoint_is_packed(tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    save_file(_flat_state_dict(), source, metadata={"origin": "test"})
+    assert _run(["sparsify", source], capsys)[0] == 0
+    packed = tmp_path / "model.sparse.safetensors"
+    with safe_open(str(packed), framework="pt") as handle:
+        assert handle.metadata()["origin"] == "test" and "sparsity_ext.packed" in handle.metadata()
+    _assert_state_dicts_equal(load_checkpoint(packed), _sparsified(_flat_state_dict(), SPARSIFIED))
+    dense = tmp_path / "dense.sparse.safetensors"  # --format dense: a plain safetensors file despite the name
+    assert _run(["sparsify", source, "-o", dense, "--format", "dense"], capsys)[0] == 0
+    _assert_state_dicts_equal(load_file(dense), _sparsified(_flat_state_dict(), SPARSIFIED))
+
+
+def test_packed_sizes(tmp_path, capsys):
+    """fp32 at 80 % (1x4 blocks): <= 25 % of the dense bytes. fp16 2:4: the values and the 1-bit mask come to
+    56.25 %; the sign bits of the zeroed elements (needed to restore torch.ao's -0.0 bit for bit) add 1 bit
+    per zeroed element, 3.125 %."""
+    fp32 = tmp_path / "fp32.pt"
+    torch.save({"emb.weight": tie_free((4096, 64), seed=11)}, fp32)
+    assert _run(["sparsify", fp32, "-o", tmp_path / "fp32.sparse.safetensors"], capsys)[0] == 0
+    assert (tmp_path / "fp32.sparse.safetensors").stat().st_size <= 0.25 * 4096 * 64 * 4
+    fp16 = tmp_path / "fp16.pt"
+    torch.save({"emb.weight": tie_free((1024, 128), seed=12).half()}, fp16)
+    packed16 = tmp_path / "fp16.sparse.safetensors"
+    status, out, _ = _run(["sparsify", fp16, "-o", packed16, "--level", "1", "--zeros-per-block", "2"], capsys)
+    assert status == 0
+    dense_bytes = 1024 * 128 * 2
+    with safe_open(str(packed16), framework="pt") as handle:
+        values_and_mask = sum(handle.get_tensor(f"emb.weight::{part}").numel() * (2 if part == "values" else 1)
+                              for part in ("values", "mask"))
+    assert values_and_mask <= 0.57 * dense_bytes
+    assert packed16.stat().st_size <= 0.60 * dense_bytes
+
+
+def test_torchrec_and_hf_names(tmp_path, capsys):
+    """The default pattern takes the tables of unsharded TorchRec and HF checkpoints and leaves norms alone."""
+    sd = {"sparse_arch.embedding_bag_collection.embedding_bags.t_user.weight": tie_free((40, 8), seed=1),
+          "sparse_arch.embedding_collection.embeddings.t_item.weight": tie_free((30, 8), seed=2),
+          "bert.embeddings.word_embeddings.weight": tie_free((50, 16), seed=3),
+          "bert.embeddings.LayerNorm.weight": torch.ones(16), "bert.embeddings.LayerNorm.bias": torch.zeros(16),
+          "bert.embeddings.emb_steps": torch.tensor(7.0), "dense_arch.fc.weight": tie_free((8, 8), seed=4)}
+    source, out_path = tmp_path / "model.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, source)
+    status, out, _ = _run(["sparsify", source, "-o", out_path], capsys)
+    assert status == 0 and "6 matched, 3 sparsified, 3 skipped" in out
+    assert "skipped bert.embeddings.LayerNorm.weight: 1-D" in out and "skipped bert.embeddings.emb_steps: 0-d" in out
+    tables = [name for name in sd if name.endswith(("t_user.weight", "t_item.weight", "word_embeddings.weight"))]
+    _assert_state_dicts_equal(load_file(out_path), _sparsified(sd, tables))
+    status, out, _ = _run(["sparsify", source, "-o", out_path, "--overwrite", "--include-1d"], capsys)
+    assert status == 0 and "6 matched, 5 sparsified, 1 skipped" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compare_half_precision_on_fp32_copies(tmp_path, capsys, dtype):
+    source = tmp_path / "model.pt"
+    torch.save({"emb.weight": tie_free((256, 32), seed=3).to(dtype)}, source)
+    status, out, _ = _run(["sparsify", source, "--compare", "-o", tmp_path / "out.pt"], capsys)
+    assert status == 0
+    assert "torch.ao.pruning in the input dtype" in out and "ran on fp32 copies" in out
+    assert all(" yes " in line for line in out.splitlines() if line.startswith(("emb.weight", "total")))
+
+
+def test_non_tensor_entries_need_a_pt_output(tmp_path, capsys):
+    source = tmp_path / "ckpt.pt"
+    torch.save({"model": _state_dict(), "epoch": 3}, source)
+    status, _, err = _run(["sparsify", source, "-o", tmp_path / "out.safetensors"], capsys)
+    assert status == 2 and "not tensors (epoch)" in err and ".pt" in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-o", "out.ckpt"], "unknown output extension '.ckpt'"),
+    (["-o", "out"], "unknown output extension '(none)'"),
+    (["-o", "out.pt", "--format", "packed"], "--format packed writes a safetensors file"),
+])
+def test_bad_output_names(checkpoint, tmp_path, capsys, argv, message):
+    before = _digest(checkpoint)
+    argv = [str(tmp_path / a) if a.startswith("out") else a for a in argv]
+    status, _, err = _run(["sparsify", checkpoint, *argv], capsys)
+    assert status == 2 and message in err and _digest(checkpoint) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_truncated_safetensors_input(tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    save_file(_flat_state_dict(), source)
+    source.write_bytes(source.read_bytes()[:-100])
+    before = _digest(source)
+    status, _, err = _run(["sparsify", source], capsys)
+    assert status == 2 and "truncated safetensors file" in err and _digest(source) == before
+    assert not (tmp_path / "model.sparse.safetensors").exists()
+
+
+def test_unpack_needs_a_packed_file(checkpoint, tmp_path, capsys):
+    status, _, err = _run(["unpack", checkpoint, "-o", tmp_path / "out.safetensors"], capsys)
+    assert status == 2 and "is not a packed sparse file (it is a torch.save file)" in err
+
+
+def _fail_at_fsync(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("out_name", ["out.pt", "out.safetensors", "out.sparse.safetensors"])
+def test_disk_full_at_fsync(checkpoint, tmp_path, capsys, monkeypatch, out_name):
+    """A full disk often shows only at fsync (delayed allocation): every format leaves nothing behind."""
+    before = _digest(checkpoint)
+    monkeypatch.setattr(os, "fsync", _fail_at_fsync)
+    status, _, err = _run(["sparsify", checkpoint, "-o", tmp_path / out_name], capsys)
+    assert status == 1 and "the disk is full" in err and "nothing was written" in err
+    assert _digest(checkpoint) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_interrupt_while_streaming_a_safetensors_output(checkpoint, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "out.sparse.safetensors"
+    existing.write_bytes(b"previous output")
+    before = _digest(checkpoint)
+    real = cli._sparsify_tensor
+    calls = []
+
+    def interrupted_on_second_tensor(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(cli, "_sparsify_tensor", interrupted_on_second_tensor)
+    status, _, err = _run(["sparsify", checkpoint, "-o", existing, "--overwrite"], capsys)
+    assert status == 130 and "interrupted" in err and len(calls) == 2
+    assert _digest(checkpoint) == before and existing.read_bytes() == b"previous output"
+    assert not _leftovers(tmp_path)

@@ -139,9 +139,11 @@ class BaseDataSparsifier(BaseSparsifier):
         If `name` exists, the new data replaces it (with a warning) and keeps the old config updated by
         `config`; with reuse_mask=True the old mask is kept too, and the new data must have its shape.
         """
-        if type(data) not in SUPPORTED_TYPES:
+        # Subclasses of nn.Parameter pass too: TorchRec's TableBatchedEmbeddingSlice (a sharded table's weight,
+        # a view into a fused buffer) is one; torch.ao.pruning accepts the exact types only.
+        if type(data) not in SUPPORTED_TYPES and not isinstance(data, nn.Parameter):
             raise TypeError(f"add_data: data of type {type(data).__name__} is not supported; expected one of "
-                            f"{sorted(t.__name__ for t in SUPPORTED_TYPES)}")
+                            f"{sorted(t.__name__ for t in SUPPORTED_TYPES)} (or a subclass of Parameter)")
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"add_data: name must be a non-empty string without '.', got {name!r}")
         if name not in self.state and hasattr(self._container, name):

@@ -5,9 +5,9 @@ digit by digit, most significant first, on integer order keys (one per block, or
 NaN largest): each pass histograms the digit of the keys still matching the prefix found so far, the
 histograms are summed over ranks (one all-reduce of 2^11 counts per pass, whatever the table's size),
 and every rank picks the same digit from the same sum. After the last pass the threshold key is known
-exactly, with how many of its ties are selected; ties go to lower global block indices, and the ranks
-own consecutive row ranges in rank order, so an exclusive scan of the per-rank tie counts (one more
-all-reduce) tells each rank how many of its own ties it selects.
+exactly, with how many of its ties are selected; ties go to lower global block indices: one more
+all-reduce counts the ties, and when only some of them are selected, a second select over the tied
+blocks' global indices (unique keys, so it needs no tie rule of its own) picks the lowest.
 
 Every collective here is an all-reduce (sum) of an int64 buffer of one fixed length, whose last
 world_size slots are failure flags. A rank that raises between collectives joins the next collective
@@ -15,6 +15,8 @@ with its flag set, whatever that collective's purpose on the other ranks, so all
 failure in the same collective and none waits for a peer that left the schedule.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -58,6 +60,15 @@ class Exchange:
         if failed_ranks:
             raise PeerFailure(failed_ranks)
         return buffer[:self.payload_len]
+
+    def all_reduce_long(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of an int64 vector of any length (the same on every rank), in payload-sized
+        all-reduces: the fixed length keeps a failing rank's flag collective the same as everyone's."""
+        total = torch.empty_like(values)
+        for start in range(0, values.numel(), self.payload_len):
+            part = values[start:start + self.payload_len]
+            total[start:start + part.numel()] = self.all_reduce(part)[:part.numel()]
+        return total
 
     def fail(self) -> list[int]:
         """Joins the collective the healthy ranks are waiting in, flagging this rank; returns every
@@ -106,9 +117,12 @@ def _digits(keys: torch.Tensor, shift: int, width: int, top: bool) -> torch.Tens
     return shifted.bitwise_and_((1 << width) - 1)
 
 
-def distributed_select(keys: torch.Tensor, k: int, exchange: Exchange) -> torch.Tensor:
+def distributed_select(keys: torch.Tensor, k: int, exchange: Exchange,
+                       global_index: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       index_space: int = 0) -> torch.Tensor:
     """The k smallest keys over every rank (1 <= k < total), ties by lower global index: a bool flag per
-    local key. Ranks hold consecutive ranges of the global index space in rank order."""
+    local key. global_index(local positions) gives the keys' global indices, unique over ranks and below
+    index_space; it may be None only when no two keys over all ranks are equal."""
     key_bits = 64 if keys.dtype == torch.int64 else 32
     ones = torch.ones(1, dtype=torch.int64, device=keys.device)
     candidates, positions, remaining, threshold = keys, None, k, 0  # positions: candidates' indices in keys
@@ -130,8 +144,13 @@ def distributed_select(keys: torch.Tensor, k: int, exchange: Exchange) -> torch.
     tie_counts = torch.zeros(exchange.world_size, dtype=torch.int64, device=keys.device)
     tie_counts[exchange.rank] = positions.numel()
     tie_counts = exchange.all_reduce(tie_counts)[:exchange.world_size]
-    ties_before = int(tie_counts[:exchange.rank].sum())
-    own_ties = min(max(remaining - ties_before, 0), positions.numel())
     selected = keys < threshold
-    selected[positions[:own_ties]] = True
+    if remaining == int(tie_counts.sum()):
+        selected[positions] = True
+    else:  # the `remaining` tied keys of lowest global index, found by a select over those indices
+        if global_index is None:
+            raise AssertionError("distributed_select: equal keys need their global indices to break ties")
+        index_dtype = torch.int32 if index_space < 1 << 31 else torch.int64
+        index_keys = global_index(positions).to(device=keys.device, dtype=index_dtype)
+        selected[positions[distributed_select(index_keys, remaining, exchange)]] = True
     return selected

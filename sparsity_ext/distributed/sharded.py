@@ -1,15 +1,16 @@
 """Block-norm masks of tables whose rows are sharded over the ranks of a process group.
 
 Rank r holds rows [start_r, start_r + rows_r) of the table, ranks in row order (uneven sizes and empty
-shards allowed). Every shard that holds rows must start on a block-row boundary, so each block lies on
-one rank; otherwise ValueError on every rank before anything changes. The mask each rank gets is its
-rows of the single-process mask of the whole table (sparsity_ext.ops.block_norm_mask's contract, or
+shards allowed; a shard may start inside a block row). The mask each rank gets is its rows of the
+single-process mask of the whole table (sparsity_ext.ops.block_norm_mask's contract, or
 DataNormSparsifier's), bit for bit:
-  1. each rank scores its own blocks (row chunks of at most max_chunk_bytes) into integer order keys;
+  1. each rank scores the blocks that start in its rows (row chunks of at most max_chunk_bytes) into
+     integer order keys; a block row split between ranks is completed from the next rank's rows first;
   2. the k-th smallest key over all ranks is found by a distributed radix select
      (sparsity_ext.distributed._select): a few all-reduces of 2^11 counts, then one of the per-rank tie
      counts, independent of the table's size;
   3. each rank writes the mask of its own rows.
+The row shards are the one-column case of the rectangular pieces of _pieces.py (which TorchRec uses).
 Failure semantics: a step first checks every rank's input in one all_gather_object (bad input anywhere:
 ValueError on every rank, nothing changed), computes every mask into temporaries, then votes; masks are
 stored only if every rank succeeded, else RuntimeError on every rank naming the failed rank(s). No rank
@@ -17,18 +18,17 @@ is left waiting in a collective: see _select.Exchange.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from .. import ops
-from ..data_sparsifier._chunked import (DEFAULT_MAX_CHUNK_BYTES, chunk_keep, packed_ones, rows_per_chunk,
-                                        score_chunk)
+from .. import checks, ops
+from ..data_sparsifier._chunked import DEFAULT_MAX_CHUNK_BYTES, packed_ones
 from ..data_sparsifier.data_norm_sparsifier import DataNormSparsifier, data_norm_level
-from ..reference import num_selected_blocks, score_dtype
-from ._select import Exchange, PeerFailure, distributed_select, order_keys
+from ..reference import num_selected_blocks
+from ._pieces import Piece, Rect, TablePlan, check_tiling, piece_masks
+from ._select import Exchange, PeerFailure
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -71,121 +71,77 @@ def _local_shard(data, group, where: str):
         return data.to_local(), mesh_group  # shares the DTensor's storage
 
 
-@dataclass(frozen=True)
-class _ShardPlan:
-    """What every rank needs to know of one table's selection (the same on every rank)."""
-    block: tuple[int, int]
-    zeros: int
-    norm_code: int
-    k: int
-    num_blocks: int
-
-
 def _describe(data: torch.Tensor, level: float, block, zeros: int, norm_code: int) -> dict[str, Any]:
     """What the other ranks must agree with about one local shard."""
     return {"rows": int(data.shape[0]), "width": int(data.shape[1]), "dtype": str(data.dtype),
             "level": level, "block": tuple(block), "zeros": zeros, "norm": norm_code}
 
 
-def _plan_all(descriptors: list[dict[str, Any]], data_norm_levels: bool, where: str) -> list[_ShardPlan]:
-    """Checks the gathered descriptors of every rank (each {"error": str | None, "names": [...],
-    "shards": [...]}) and builds one plan per table; the same ValueError on every rank if they do not fit."""
+def plan_table(name, shards: list[dict[str, Any]], height: int, pieces: list[Piece], data_norm_levels: bool,
+               where: str) -> TablePlan:
+    """The plan of one table of `height` rows from every rank's descriptor of it (checked to agree) and its
+    pieces; ValueError if they do not agree or the pieces do not tile the table."""
+    label = f"{name!r}: " if name is not None else ""
+    for key in ("width", "dtype", "level", "block", "zeros", "norm"):
+        values = [s[key] for s in shards]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"{where}: {label}every rank's shard must have the same {key}; by rank: {values}")
+    first = shards[0]
+    shape = (height, first["width"])
+    problem = check_tiling(shape, pieces)
+    if problem:
+        raise ValueError(f"{where}: {label}the shards do not tile the table: {problem}")
+    bh, bw = first["block"]
+    num_blocks = -(-shape[0] // bh) * -(-shape[1] // bw)
+    level = data_norm_level(first["level"], num_blocks) if data_norm_levels else first["level"]
+    return TablePlan(shape, tuple(pieces), (bh, bw), first["zeros"], first["norm"],
+                     num_selected_blocks(level, num_blocks), first["dtype"] == str(torch.float64))
+
+
+def gather_descriptors(group, names: list, shards: list[dict] | None, error: str | None,
+                       where: str) -> list[list[dict[str, Any]]]:
+    """Every rank's descriptors of its shards (one per name, in the same order on every rank), as a list per
+    name of one descriptor per rank; a collective. ValueError on every rank when any rank reported an error
+    or the ranks hold different names."""
+    descriptors: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(descriptors, {"error": error, "names": names, "shards": shards}, group=group)
     errors = [f"rank {rank}: {d['error']}" for rank, d in enumerate(descriptors) if d["error"]]
     if errors:
         raise ValueError(f"{where}: bad input ({'; '.join(errors)}); nothing was changed")
-    names = descriptors[0]["names"]
     for rank, d in enumerate(descriptors):
         if d["names"] != names:
             raise ValueError(f"{where}: every rank must hold the same names in the same order; rank 0 holds "
-                             f"{names}, rank {rank} holds {d['names']}")
-    plans = []
-    for i, name in enumerate(names):
-        shards = [d["shards"][i] for d in descriptors]
-        label = f"{name!r}: " if name is not None else ""
-        for key in ("width", "dtype", "level", "block", "zeros", "norm"):
-            values = [s[key] for s in shards]
-            if any(v != values[0] for v in values):
-                raise ValueError(f"{where}: {label}every rank's shard must have the same {key}; "
-                                 f"by rank: {values}")
-        rows = tuple(s["rows"] for s in shards)
-        bh, bw = shards[0]["block"]
-        start = 0
-        for rank, count in enumerate(rows):
-            if count and start % bh:
-                raise ValueError(f"{where}: {label}the shard of rank {rank} starts at row {start}, not a multiple of "
-                                 f"the block height {bh}; shard boundaries must fall on block-row boundaries "
-                                 f"(rows by rank: {list(rows)})")
-            start += count
-        num_blocks = -(-start // bh) * -(-shards[0]["width"] // bw)
-        level = shards[0]["level"]
-        if data_norm_levels:
-            level = data_norm_level(level, num_blocks)
-        plans.append(_ShardPlan((bh, bw), shards[0]["zeros"], shards[0]["norm"],
-                                num_selected_blocks(level, num_blocks), num_blocks))
-    return plans
+                             f"{descriptors[0]['names']}, rank {rank} holds {d['names']}")
+    return [[d["shards"][i] for d in descriptors] for i in range(len(names))]
 
 
 def _gather_plans(group, names: list, shards: list[dict] | None, error: str | None,
-                  data_norm_levels: bool, where: str) -> list[_ShardPlan]:
-    descriptors: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(descriptors, {"error": error, "names": names, "shards": shards}, group=group)
-    return _plan_all(descriptors, data_norm_levels, where)
+                  data_norm_levels: bool, where: str) -> list[TablePlan]:
+    """One plan per row-sharded table, its rows held by the ranks in rank order (see gather_descriptors)."""
+    plans = []
+    for name, by_rank in zip(names, gather_descriptors(group, names, shards, error, where)):
+        pieces, start = [], 0
+        for rank, shard in enumerate(by_rank):
+            if shard["rows"]:
+                pieces.append(Piece(rank, Rect(start, 0, shard["rows"], shard["width"])))
+            start += shard["rows"]
+        plans.append(plan_table(name, by_rank, start, pieces, data_norm_levels, where))
+    return plans
 
 
 # ------------------------------------------------------------------------------------- masks
-def _all_keep(local: torch.Tensor, packed: bool) -> torch.Tensor:
-    if packed:
-        return packed_ones(local.numel(), local.device)
-    return torch.ones(local.shape, dtype=torch.bool, device=local.device)
-
-
-def _local_keep(local: torch.Tensor, plan: _ShardPlan, exchange: Exchange, packed: bool,
+def _local_keep(local: torch.Tensor, plan: TablePlan, exchange: Exchange, packed: bool,
                 max_chunk_bytes: int) -> torch.Tensor:
-    """This rank's rows of the whole table's mask (bool of local's shape, or packed bits)."""
-    rows, width = local.shape
-    if plan.k == 0 or plan.zeros == 0:  # nothing is zeroed
-        return _all_keep(local, packed)
-    bh, bw = plan.block
-    block_cols = -(-width // bw)
-    step = rows_per_chunk((local.shape[0], width), bh, local.element_size(), max_chunk_bytes, packed)
-    starts = range(0, rows, step)
-
-    selected = None  # None: every block is selected
-    if plan.k < plan.num_blocks:  # an empty shard too takes part in the selection's collectives
-        key_dtype = torch.int64 if score_dtype(local.dtype) == torch.float64 else torch.int32
-        keys = torch.empty(-(-rows // bh) * block_cols, dtype=key_dtype, device=local.device)
-        for start in starts:
-            chunk_keys = order_keys(score_chunk(local[start:start + step], plan.block, plan.norm_code))
-            first = start // bh * block_cols
-            keys[first:first + chunk_keys.numel()] = chunk_keys
-        selected = distributed_select(keys, plan.k, exchange)
-        del keys
-
-    def chunk_mask(start: int) -> torch.Tensor:
-        chunk = local[start:start + step]
-        chunk_selected = None
-        if selected is not None:
-            first = start // bh * block_cols
-            chunk_selected = selected[first:first + -(-chunk.shape[0] // bh) * block_cols]
-        keep = chunk_keep(chunk, chunk_selected, plan.block, plan.zeros, plan.norm_code)
-        return ops.pack_mask(keep) if packed else keep
-
-    if rows <= step:  # one chunk: its mask as it is (or an empty shard's)
-        return chunk_mask(0) if rows else _all_keep(local, packed)
-    if packed:
-        mask = torch.empty(((local.numel() + 7) // 8,), dtype=torch.uint8, device=local.device)
-    else:
-        mask = torch.empty((rows, width), dtype=torch.bool, device=local.device)
-    for start in starts:
-        part = chunk_mask(start)
-        if packed:
-            mask[start * width // 8:start * width // 8 + part.numel()] = part
-        else:
-            mask[start:start + part.shape[0]] = part
-    return mask
+    """This rank's rows of the whole table's mask (bool of local's shape, or packed bits); an empty shard
+    holds no piece but takes part in the collectives."""
+    holds_rows = any(piece.rank == exchange.rank for piece in plan.pieces)
+    masks = piece_masks(plan, [local] if holds_rows else [], exchange, packed, max_chunk_bytes)
+    if masks:
+        return masks[0]
+    return packed_ones(0, local.device) if packed else torch.ones(local.shape, dtype=torch.bool, device=local.device)
 
 
-def _run_all_or_none(exchange: Exchange, compute: Callable[[], Any], where: str):
+def run_all_or_none(exchange: Exchange, compute: Callable[[], Any], where: str):
     """compute() on every rank, then a vote: its result if every rank succeeded, else RuntimeError on every
     rank naming the failed ranks and their errors (the failed rank's own error chained)."""
     local_error = None
@@ -235,17 +191,17 @@ def sharded_block_norm_mask(local_shard: torch.Tensor, sparsity_level: float, bl
     local, group = _local_shard(local_shard, group, where)
     error, shard = None, None
     try:
-        ops._check_float_data(local, where, dims=(2,))
-        level = ops._check_level(sparsity_level, where)
-        block = ops._check_block_shape(block_shape, where)
-        zeros = ops._check_zeros(zeros_per_block, block, where)
-        budget = ops._check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
-        shard = _describe(local, level, block, zeros, ops.parse_norm(norm))
+        checks.check_float_data(local, where, dims=(2,))
+        level = checks.check_level(sparsity_level, where)
+        block = checks.check_block_shape(block_shape, where)
+        zeros = checks.check_zeros(zeros_per_block, block, where)
+        budget = checks.check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
+        shard = _describe(local, level, block, zeros, checks.parse_norm(norm))
     except Exception as exc:  # noqa: BLE001 -- reported to every rank by the gather below
         error = f"{type(exc).__name__}: {exc}"
     plan, = _gather_plans(group, [None], None if error else [shard], error, False, where)
     exchange = Exchange(group, local.device)
-    return _run_all_or_none(exchange, lambda: _local_keep(local, plan, exchange, bool(packed), budget), where)
+    return run_all_or_none(exchange, lambda: _local_keep(local, plan, exchange, bool(packed), budget), where)
 
 
 # ---------------------------------------------------------------------------- sparsifier
@@ -318,7 +274,7 @@ class ShardedDataNormSparsifier(DataNormSparsifier):
                                      f"got shape {tuple(data.shape)}")
                 level, block, zeros = self._check_config(config["sparsity_level"], config["sparse_block_shape"],
                                                          config["zeros_per_block"])
-                shards.append(_describe(data, level, block, zeros, ops.parse_norm(self.norm)))
+                shards.append(_describe(data, level, block, zeros, checks.parse_norm(self.norm)))
         except Exception as exc:  # noqa: BLE001 -- reported to every rank by the gather below
             error = f"{type(exc).__name__}: {exc}"
         plans = _gather_plans(group, [name for name, _, _ in items], None if error else shards, error, True, where)
@@ -329,7 +285,7 @@ class ShardedDataNormSparsifier(DataNormSparsifier):
             return {name: _local_keep(data, plan, exchange, packed, self.max_chunk_bytes)
                     for (name, data, _), plan in zip(items, plans)}
 
-        keeps = _run_all_or_none(exchange, compute, where)
+        keeps = run_all_or_none(exchange, compute, where)
         self.last_step_bytes = exchange.bytes_sent
         for name, keep in keeps.items():
             self.get_mask(name).data = keep.to(torch.int8) if self.mask_dtype is None else keep

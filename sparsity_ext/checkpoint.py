@@ -325,21 +325,29 @@ class TensorPacker:
 
     def values(self) -> Iterator[torch.Tensor]:
         rows, cols, _, _ = _grid(self.tensor.shape, self.block)
-        bits = self.tensor.contiguous().view(_BITS_DTYPES[self.tensor.element_size()]).reshape(rows, cols)
-        magnitude = torch.iinfo(bits.dtype).max  # every bit but the sign
+        table = self.tensor.contiguous().reshape(rows, cols)
+        # Values and signs are moved as integers: copies of the bits, whatever they encode (NaN payloads too).
+        bits = table.view(_BITS_DTYPES[self.tensor.element_size()])
+        # Blocks of one row whose width divides the row's (1x4, 1x1, ...) are runs of consecutive elements:
+        # they are selected whole, much faster than element by element.
+        runs = self.block[0] == 1 and cols % self.block[1] == 0
         step = _chunk_rows(cols, bits.element_size(), self.block[0])
         for start in range(0, rows, step):
-            chunk = bits[start:start + step]
-            zero = (chunk & magnitude) == 0
-            kept_blocks = ~self._all_zero_blocks(zero)
+            chunk, chunk_bits = table[start:start + step], bits[start:start + step]
+            if runs:
+                groups, group_bits = chunk.reshape(-1, self.block[1]), chunk_bits.reshape(-1, self.block[1])
+                kept_blocks = (groups != 0).any(1)  # -0.0 == 0; NaN != 0, so NaN is kept
+                self._add_signs((group_bits < 0)[~kept_blocks].reshape(-1))
+                kept_values = group_bits[kept_blocks].reshape(-1)
+            else:
+                kept_blocks = ~self._all_zero_blocks(chunk == 0)
+                keep = _expand(kept_blocks, self.block, *chunk.shape)
+                self._add_signs((chunk_bits < 0)[~keep])
+                kept_values = chunk_bits[keep]
             self._mask_bytes.append(ops.pack_mask(kept_blocks.reshape(-1)))
-            keep = _expand(kept_blocks, self.block, *chunk.shape)
-            self._add_signs(chunk[~keep] < 0)
-            yield chunk[keep].view(self.tensor.dtype)
+            yield kept_values.view(self.tensor.dtype)
 
     def _all_zero_blocks(self, zero: torch.Tensor) -> torch.Tensor:
-        if self.block == (1, 1):
-            return zero
         rows, cols = zero.shape
         block_rows, block_cols = -(-rows // self.block[0]), -(-cols // self.block[1])
         padded = torch.ones(block_rows * self.block[0], block_cols * self.block[1], dtype=torch.bool)
@@ -389,21 +397,26 @@ def _restore(file, name: str, info: dict) -> torch.Tensor:
     out = torch.zeros((rows, cols), dtype=bits_dtype)
     negative_zero = torch.iinfo(bits_dtype).min  # the bits of -0.0: the sign bit alone
     step = _chunk_rows(cols, dtype.itemsize, block[0])
+    runs = block[0] == 1 and cols % block[1] == 0  # blocks are runs of a row: filled whole (see TensorPacker)
     taken = dropped = 0
     for start in range(0, rows, step):
         chunk = out[start:start + step]
         first_block, chunk_block_rows = start // block[0], -(-chunk.shape[0] // block[0])
         kept_blocks = _bits_at(mask, first_block * block_cols, chunk_block_rows * block_cols)
-        keep = _expand(kept_blocks.view(chunk_block_rows, block_cols), block, *chunk.shape)
-        kept = int(keep.sum())
-        if taken + kept > values.numel():
-            raise CheckpointError(f"packed tensor {name!r} is damaged: its mask keeps more elements than it has "
-                                  f"values ({values.numel():,})")
-        chunk[keep] = values[taken:taken + kept]
-        taken += kept
+        if runs:
+            chunk, keep = chunk.view(-1, block[1]), kept_blocks
+        else:
+            keep = _expand(kept_blocks.view(chunk_block_rows, block_cols), block, *chunk.shape)
+        kept = int(keep.sum()) * (block[1] if runs else 1)
         num_dropped = chunk.numel() - kept
+        if taken + kept > values.numel() or (signs.numel() and dropped + num_dropped > signs.numel() * 8):
+            raise CheckpointError(f"packed tensor {name!r} is damaged: its mask keeps more elements than it has "
+                                  f"values ({values.numel():,}) or drops more than it has zero signs")
+        chunk[keep] = values[taken:taken + kept].view(-1, block[1]) if runs else values[taken:taken + kept]
+        taken += kept
         if signs.numel() and num_dropped:
-            chunk[~keep] = torch.where(_bits_at(signs, dropped, num_dropped), negative_zero, 0).to(bits_dtype)
+            negative = _bits_at(signs, dropped, num_dropped)
+            chunk[~keep] = torch.where(negative, negative_zero, 0).to(bits_dtype).view(chunk[~keep].shape)
         dropped += num_dropped
     if taken != values.numel():
         raise CheckpointError(f"packed tensor {name!r} is damaged: {values.numel():,} values, its mask keeps {taken:,}")

@@ -1,10 +1,18 @@
-"""Backend registry: which implementation of each op runs for a given tensor.
+"""The one dispatch table: which implementation of each op runs for a given tensor.
 
-Every op has a "reference" implementation (pure torch, the oracle). Compiled and Triton backends
-register theirs with `register`. "auto" (the default) picks, for the tensor's device type, the first
-backend in AUTO_ORDER that is available and supports the dtype; an explicit choice
-(`use_backend(name)` or SPARSITY_EXT_BACKEND=name) uses that backend or raises why it cannot.
-Meta (shape-only) tensors always get the op's fake implementation (sparsity_ext._fake), whatever the choice.
+Each backend registers its own implementations of the ops it has a kernel for:
+  - "reference" (pure torch, the oracle, every op): registered here, below;
+  - "cpu" / "cuda" (the compiled extension, torch.ops.sparsity_ext.*): sparsity_ext._extension, from what
+    the extension registered with torch's dispatcher at load time;
+  - "triton": sparsity_ext.triton.
+An op a backend has no kernel for gets a named composite of that backend's other ops
+(sparsity_ext._composites), so each (op, backend) has exactly one implementation or none.
+
+"auto" (the default) picks, for the tensor's device type, the first backend in AUTO_ORDER that is
+available and supports the dtype; an explicit choice (`use_backend(name)` or SPARSITY_EXT_BACKEND=name)
+uses that backend or raises why it cannot. Meta (shape-only) tensors get the op's fake implementation
+(sparsity_ext._fake), whatever the choice. Resolution reads only Python state fixed at registration,
+so torch.compile traces through it.
 """
 from __future__ import annotations
 
@@ -16,22 +24,36 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import _fake
+from . import _fake, reference
+from .semi_structured import reference as _semi_structured_reference
+from .semi_structured._layout import PACK_DTYPES
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
 }
+OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_into_", "block_norm_mask_update_",
+            "block_scores", "block_norm_mask_select", "nm_mask", "select_threshold", "apply_mask_", "pack_mask",
+            "unpack_mask", "sparsify_24_pack")
+# The dtypes the compiled and Triton kernels take: float data in fp32/fp16/bf16 (fp64 data, rare in practice,
+# runs on the reference); the mask-format ops any mask their wrappers validate; sparsify_24_pack torch's
+# semi-structured dtypes.
+_FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
+    **{op: _FLOAT_KERNEL_DTYPES for op in OP_NAMES},
+    "pack_mask": None, "unpack_mask": None, "sparsify_24_pack": PACK_DTYPES,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
     fn: Callable
-    devices: tuple[str, ...]            # device types this implementation accepts
+    devices: tuple[str, ...]                # device types this implementation accepts
     dtypes: tuple[torch.dtype, ...] | None  # None: every dtype the op's contract accepts
-    available: Callable[[], bool]       # e.g. "was the kernel compiled"
-    unavailable_reason: Callable[[], str]
+    available: bool                         # e.g. "was the kernel compiled", fixed when registered
+    unavailable_reason: str = ""
+    composite: str | None = None            # the composite's description; None for a backend's own kernel
 
 
 _registry: dict[str, dict[str, Impl]] = {}
@@ -39,12 +61,18 @@ _local = threading.local()
 
 
 def register(op: str, backend: str, fn: Callable, *, devices: tuple[str, ...],
-             dtypes: tuple[torch.dtype, ...] | None = None,
-             available: Callable[[], bool] = lambda: True,
-             unavailable_reason: Callable[[], str] = lambda: "") -> None:
+             dtypes: tuple[torch.dtype, ...] | None = None, available: bool = True,
+             unavailable_reason: str = "", composite: str | None = None) -> None:
+    """Make `fn` backend's implementation of `op` (replacing any earlier one)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _registry.setdefault(op, {})[backend] = Impl(fn, devices, dtypes, available, unavailable_reason)
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r}; expected one of {OP_NAMES}")
+    _registry.setdefault(op, {})[backend] = Impl(fn, devices, dtypes, available, unavailable_reason, composite)
+
+
+def implementation(op: str, backend: str) -> Impl | None:
+    return _registry.get(op, {}).get(backend)
 
 
 def _check_name(name: str) -> str:
@@ -81,8 +109,8 @@ def _why_not(op: str, backend: str, impl: Impl | None, device: torch.device, dty
         return f"backend {backend!r} runs {op} on {'/'.join(impl.devices)} tensors, not {device.type}"
     if impl.dtypes is not None and dtype not in impl.dtypes:
         return f"backend {backend!r} does not support dtype {dtype} for {op}"
-    if not impl.available():
-        return f"backend {backend!r} is not available: {impl.unavailable_reason()}"
+    if not impl.available:
+        return f"backend {backend!r} is not available: {impl.unavailable_reason}"
     return None
 
 
@@ -103,27 +131,30 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Cal
     raise RuntimeError(f"sparsity_ext: no backend runs {op} for {device.type} tensors of dtype {dtype}")
 
 
+def call(op: str, like: torch.Tensor, *args):
+    """Run `op` on the implementation chosen for `like`'s device and dtype (the public wrappers validate first)."""
+    return resolve(op, like.device, like.dtype)[1](*args)
 
-def runs_on_a_kernel(op: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the current choice runs `op` here without the reference: False as well where a pinned backend
-    has no implementation of it. For callers choosing a fused path, which pays only on a compiled kernel."""
-    try:
-        return resolve(op, device, dtype)[0] != "reference"
-    except RuntimeError:
-        return False
+
+def describe(op: str, backend: str) -> str:
+    """What runs `op` on `backend`: 'kernel', 'torch ops' (the reference), 'composite: <how>', 'not built: <why>'
+    or '-' (nothing)."""
+    impl = implementation(op, backend)
+    if impl is None:
+        return "-"
+    if not impl.available:
+        return "not built: " + impl.unavailable_reason
+    if impl.composite:
+        return f"composite: {impl.composite}"
+    return "torch ops" if backend == "reference" else "kernel"
+
 
 def backend_table() -> dict[str, dict[str, str]]:
-    """{op: {backend: 'yes' or the reason it is unavailable}} for info()."""
-    table: dict[str, dict[str, str]] = {}
-    for op, impls in sorted(_registry.items()):
-        row = {}
-        for backend in BACKENDS:
-            impl = impls.get(backend)
-            if impl is None:
-                row[backend] = "-"
-            elif not impl.available():
-                row[backend] = "not built: " + impl.unavailable_reason()
-            else:
-                row[backend] = "yes"
-        table[op] = row
-    return table
+    """{op: {backend: describe(op, backend)}} for info()."""
+    return {op: {backend: describe(op, backend) for backend in BACKENDS} for op in OP_NAMES}
+
+
+# The reference backend: every op, on any device, in pure torch.
+for _op in OP_NAMES:
+    register(_op, "reference", getattr(_semi_structured_reference if _op == "sparsify_24_pack" else reference, _op),
+             devices=("cpu", "cuda"))

@@ -1,8 +1,11 @@
-"""Loads the compiled extension sparsity_ext._C (its import registers torch.ops.sparsity_ext.*)."""
+"""Loads the compiled extension sparsity_ext._C (its import registers torch.ops.sparsity_ext.*), and registers
+its kernels as the "cpu" and "cuda" backends of sparsity_ext's dispatch (sparsity_ext._backend)."""
 import os
 import warnings
 
 import torch
+
+from . import _backend, _composites
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository "
@@ -49,3 +52,28 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsity_ext::{op}", dispatch_key)
     except RuntimeError:
         return False
+
+
+def _compiled_op(op: str):
+    def run(*args):
+        return getattr(torch.ops.sparsity_ext, op)(*args)
+    run.__name__ = f"compiled_{op}"
+    return run
+
+
+def _register_backends() -> None:
+    """The "cpu" and "cuda" backends: torch.ops.sparsity_ext.<op> for every op with a kernel under that
+    dispatch key, composites for the rest; every op marked not built, with the reason, where the backend has
+    no kernel at all. Asked of the dispatcher once, here, so that dispatch never calls into it."""
+    for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        kernels = [op for op in _backend.OP_NAMES if has_kernel(op, key)]
+        why = load_error or ("this torch has no CUDA" if key == "CUDA" and torch.version.cuda is None
+                             else f"the {key} kernels were not compiled")
+        reason = "" if kernels else f"{why}; {BUILD_HINT}"
+        for op in (kernels or _backend.OP_NAMES):
+            _backend.register(op, backend, _compiled_op(op), devices=(backend,), dtypes=_backend.KERNEL_DTYPES[op],
+                              available=bool(kernels), unavailable_reason=reason)
+        _composites.register_for(backend, (backend,))
+
+
+_register_backends()

@@ -9,7 +9,9 @@ from . import _backend, _extension
 
 
 def info(as_text: bool = True):
-    """Describe the build and the dispatch: a printable text, or (as_text=False) a dict."""
+    """Describe the build and the dispatch: a printable text, or (as_text=False) a dict. For every op and
+    backend it says what runs: the backend's kernel, the reference's torch ops, a named composite of the
+    backend's other ops (sparsity_ext._composites), or why nothing can (not built)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     auto = {}
     for op in _backend.backend_table():
@@ -36,9 +38,21 @@ def info(as_text: bool = True):
              f"GPU: {data['gpu']}",
              f"compiled extension: {data['extension']}",
              f"backend in force: {data['backend_in_force']}",
-             "", f"{'op':24s} " + " ".join(f"{b:>10s}" for b in _backend.BACKENDS) + "   fp32 runs on"]
+             "", f"{'op':24s} " + " ".join(f"{b:>12s}" for b in _backend.BACKENDS) + "   fp32 runs on"]
+    composites, reasons = {}, {}
     for op, row in data["backends"].items():
-        marks = " ".join(f"{('yes' if v == 'yes' else '-' if v == '-' else 'no'):>10s}" for v in row.values())
+        cells = []
+        for cell in row.values():
+            kind, _, detail = cell.partition(": ")
+            if kind == "composite":
+                composites.setdefault(detail, f"c{len(composites) + 1}")
+                kind = f"composite {composites[detail]}"
+            elif kind == "not built":
+                reasons.setdefault(detail, f"n{len(reasons) + 1}")
+                kind = f"no ({reasons[detail]})"
+            cells.append(f"{kind:>12s}")
         where = ", ".join(f"{dev}->{b}" for dev, b in auto[op].items())
-        lines.append(f"{op:24s} {marks}   {where}")
+        lines.append(f"{op:24s} " + " ".join(cells) + f"   {where}")
+    lines += [""] + [f"{tag}: {what}" for what, tag in composites.items()]
+    lines += [f"{tag}: not built: {why}" for why, tag in reasons.items()]
     return "\n".join(lines)

@@ -45,9 +45,10 @@ import numbers
 
 import torch
 
-from . import _backend, ops
+from . import ops
 from .data_sparsifier._chunked import block_norm_mask_chunked
 from .data_sparsifier.data_norm_sparsifier import data_norm_level
+from .sparsifier.weight_norm_sparsifier import fused_update_operand, hooks_overridden
 
 __all__ = ["accelerate_torch_ao", "restore_torch_ao", "torch_ao_accelerated", "TorchAOAcceleration"]
 
@@ -88,12 +89,6 @@ def _whole_blocks_or_no_partial(shape, block: tuple[int, int], zeros: int) -> bo
     return zeros == block[0] * block[1] or not partial
 
 
-def _hooks_intact(obj, owner: type, names: tuple[str, ...]) -> bool:
-    """None of the helper methods torch.ao.pruning's update_mask calls is overridden on obj's class."""
-    cls = type(obj)
-    return all(getattr(cls, name) is owner.__dict__[name] for name in names)
-
-
 # ------------------------------------------------------------------------------- WeightNormSparsifier
 def _weight_norm_codes(ao_class: type) -> dict:
     """The code objects of torch.ao.pruning's built-in L1 / L2 norm lambdas -> ops norm code."""
@@ -114,23 +109,21 @@ def _weight_norm_update_mask(ao_class: type, original):
         level, block_args = _real_level(sparsity_level), _block_args(sparse_block_shape, zeros_per_block)
         norm_fn = getattr(self, "norm_fn", None)
         norm = norm_codes.get(getattr(norm_fn, "__code__", None))
-        if level is None or block_args is None or norm is None or not _hooks_intact(self, ao_class, hooks):
+        if level is None or block_args is None or norm is None or hooks_overridden(self, ao_class, hooks):
             return fallback()
         block, zeros = block_args
         block_size = block[0] * block[1]
         if level <= 0 or zeros == 0 or (level >= 1 and zeros == block_size):
             return fallback()  # all kept / all zeroed: no scoring to accelerate
-        parametrizations = getattr(module.parametrizations, tensor_name)
-        mask, unmasked = parametrizations[0].mask, parametrizations.original
+        mask = getattr(module.parametrizations, tensor_name)[0].mask
         # torch.ao.pruning's mask dtype after this step: its logical_or's bool, or its float tensor mask
         mask_dtype = torch.bool if zeros < block_size else torch.get_default_dtype()
-        if (len(parametrizations) == 1 and type(parametrizations[0]) is ao_fake_sparsity
-                and mask.dtype == mask_dtype and unmasked.dtype == torch.float32 and unmasked.dim() == 2
-                and _whole_blocks_or_no_partial(unmasked.shape, block, zeros)
-                and _backend.runs_on_a_kernel("block_norm_mask_update_", unmasked.device, unmasked.dtype)):
+        unmasked = fused_update_operand(module, tensor_name, ao_fake_sparsity, (mask_dtype,))
+        if (unmasked is not None and mask.dtype == mask_dtype and unmasked.dtype == torch.float32
+                and unmasked.dim() == 2 and _whole_blocks_or_no_partial(unmasked.shape, block, zeros)):
             # The weight is mask * original and the mask already has the dtype the step gives it: the new mask
-            # is written over it in place, the masked weight scored without being materialized.
-            ops.block_norm_mask_update_(unmasked.detach(), mask.data, min(level, 1.0), block, zeros, norm)
+            # is written over it in place.
+            ops.block_norm_mask_update_(unmasked, mask.data, min(level, 1.0), block, zeros, norm)
             return
         weight = getattr(module, tensor_name)
         if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.dim() == 2
@@ -155,7 +148,7 @@ def _data_norm_update_mask(ao_class: type, original):
         level, block_args = _real_level(sparsity_level), _block_args(sparse_block_shape, zeros_per_block)
         # torch.ao.pruning squeezes the data: 2-D with one column, or fewer than 2 dims, change meaning.
         accelerated = (level is not None and 0 <= level <= 1 and block_args is not None
-                       and getattr(self, "norm", None) in ("L1", "L2") and _hooks_intact(self, ao_class, hooks)
+                       and getattr(self, "norm", None) in ("L1", "L2") and not hooks_overridden(self, ao_class, hooks)
                        and isinstance(data, torch.Tensor) and data.dtype == torch.float32 and data.dim() == 2
                        and data.shape[1] >= 2)
         if not accelerated:

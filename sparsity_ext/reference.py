@@ -163,8 +163,9 @@ def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    kth = values[ascending_order(values)[k - 1]] + 0.0  # + 0.0 turns -0.0 into +0.0
-    less = (~values.isnan()).sum() if kth.isnan() else (values < kth).sum()
+    # index_select and where, not indexing by a tensor and a Python branch on a value: torch.compile traces it
+    kth = values.index_select(0, ascending_order(values)[k - 1:k])[0] + 0.0  # + 0.0 turns -0.0 into +0.0
+    less = torch.where(kth.isnan(), (~values.isnan()).sum(), (values < kth).sum())
     return kth, (k - less).to(torch.int64)
 
 

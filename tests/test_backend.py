@@ -58,7 +58,7 @@ def test_info_lists_every_op_and_backend():
     data = sparsity_ext.info(as_text=False)
     for op in ("block_norm_mask", "nm_mask", "select_threshold", "apply_mask_", "pack_mask", "unpack_mask"):
         assert op in text
-        assert data["backends"][op]["reference"] == "yes"
+        assert data["backends"][op]["reference"] == "torch ops"
         assert data["fp32_runs_on"][op]["cpu"] in _backend.BACKENDS
 
 

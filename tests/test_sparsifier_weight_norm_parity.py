@@ -131,8 +131,7 @@ def test_callable_norm_ranks_its_scores_as_torch_ao_does():
 
 def test_callable_norm_goes_through_ops_with_the_identity_norm(monkeypatch):
     """A callable norm is evaluated once and handed to ops.block_norm_mask with norm=0; built-in norms hand
-    the original weight and its mask to ops.block_norm_mask_update_ (with a compiled kernel; the reference
-    path hands the masked weight to ops.block_norm_mask) with norm 1 or 2."""
+    the original weight and its mask to ops.block_norm_mask_update_ with norm 1 or 2, on every backend."""
     calls = []
     real_mask, real_update = sparsity_ext.ops.block_norm_mask, sparsity_ext.ops.block_norm_mask_update_
 
@@ -154,8 +153,7 @@ def test_callable_norm_goes_through_ops_with_the_identity_norm(monkeypatch):
         calls.clear()
         with sparsity_ext.use_backend(backend):
             _sparsify(sparsity_ext.WeightNormSparsifier, weight, norm=1)
-        op = "block_norm_mask" if backend == "reference" else "block_norm_mask_update_"
-        assert [c[0] for c in calls] == [op]
+        assert [c[0] for c in calls] == ["block_norm_mask_update_"]  # one op, whichever backend runs it
         assert calls[0][2] == 1 and torch.equal(calls[0][1], weight)  # the first mask keeps everything
 
 
@@ -299,3 +297,36 @@ def test_bad_arguments_on_a_meta_model_still_raise():
     sparsifier.groups[0]["sparsity_level"] = 1.5  # as a scheduler could set it
     with pytest.raises(ValueError, match="sparsity_level must be in"):
         sparsifier.step()
+
+
+def _keep_every_block(self, data, input_shape, sparsity_level, sparse_block_shape, mask=None):
+    return torch.ones(data.shape, device=data.device)
+
+
+def _drop_first_column(self, data, sparse_block_shape, zeros_per_block, mask=None):
+    keep = torch.ones(data.shape, device=data.device)
+    keep[:, 0] = 0
+    return keep
+
+
+@pytest.mark.parametrize("hooks", [{"_make_tensor_mask": _keep_every_block},
+                                   {"_make_block_mask": _drop_first_column},
+                                   {"_make_tensor_mask": _keep_every_block, "_make_block_mask": _drop_first_column}],
+                         ids=["tensor", "block", "both"])
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_overridden_mask_hooks_are_honoured_as_torch_ao_does(hooks, accelerated):
+    """The mask hooks policy (WeightNormSparsifier docstring): a subclass overriding _make_tensor_mask or
+    _make_block_mask gets the mask torch.ao.pruning composes from its hooks, in our class and in torch.ao's
+    own class under accelerate_torch_ao()."""
+    weight = tie_free((8, 16), seed=11)
+    args = dict(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=2)
+    ours, _ = _sparsify(type("Ours", (sparsity_ext.WeightNormSparsifier,), hooks), weight, **args)
+    ao_class = type("Theirs", (tao.WeightNormSparsifier,), hooks)
+    if accelerated:
+        with sparsity_ext.accelerate_torch_ao():
+            theirs, _ = _sparsify(ao_class, weight, **args)
+    else:
+        theirs, _ = _sparsify(ao_class, weight, **args)
+    plain, _ = _sparsify(sparsity_ext.WeightNormSparsifier, weight, **args)
+    assert torch.equal(_mask(ours).bool(), _mask(theirs).bool())
+    assert not torch.equal(_mask(ours).bool(), _mask(plain).bool())  # the hooks did change the mask

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .. import _backend, ops, reference
+from .. import _backend, _composites, checks, ops, reference
 
 __all__ = ["block_norm_mask_chunked", "packed_ones", "rows_per_chunk", "score_chunk", "chunk_keep",
            "DEFAULT_MAX_CHUNK_BYTES"]
@@ -62,8 +62,8 @@ def score_chunk(chunk: torch.Tensor, block_shape: tuple[int, int], norm_code: in
 def chunk_keep(chunk: torch.Tensor, selected: torch.Tensor | None, block_shape: tuple[int, int],
                zeros_per_block: int, norm_code: int) -> torch.Tensor:
     """Keep flags (bool, chunk's shape) of a 2-D chunk whose first row starts a block row, given which of its
-    blocks are selected (row-major over the chunk's blocks; None: all): ops.mask_of_selected_blocks."""
-    return ops.mask_of_selected_blocks(chunk, selected, block_shape, zeros_per_block, norm_code)
+    blocks are selected (row-major over the chunk's blocks; None: all): _composites.mask_of_selected_blocks."""
+    return _composites.mask_of_selected_blocks(chunk, selected, block_shape, zeros_per_block, norm_code)
 
 
 def _one_shot_preferred(table: torch.Tensor, max_chunk_bytes: int) -> bool:
@@ -71,9 +71,7 @@ def _one_shot_preferred(table: torch.Tensor, max_chunk_bytes: int) -> bool:
     the kernel reads its rows in place (no copy of it; see the module docstring)."""
     if _backend.resolve("block_norm_mask", table.device, table.dtype)[0] == "reference":
         return False
-    rows_in_place = ((table.shape[1] <= 1 or table.stride(1) == 1)
-                     and (table.shape[0] <= 1 or table.stride(0) >= table.shape[1]))
-    return rows_in_place or table.numel() * table.element_size() <= max_chunk_bytes
+    return checks.rows_readable_in_place(table) or table.numel() * table.element_size() <= max_chunk_bytes
 
 
 def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_shape=(1, 4),
@@ -96,13 +94,13 @@ def block_norm_mask_chunked(data: torch.Tensor, sparsity_level: float, block_sha
         bool mask of data's shape (True = keep), or the packed bits.
     """
     where = "block_norm_mask_chunked"
-    ops._check_float_data(data, where)
-    level = ops._check_level(sparsity_level, where)
-    block = ops._check_block_shape(block_shape, where)
-    zeros = ops._check_zeros(zeros_per_block, block, where)
-    norm_code = ops.parse_norm(norm)
-    max_chunk_bytes = ops._check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
-    if out is not None and (ops._check_mask_format(out, data, where) != bool(packed) or not out.is_contiguous()):
+    checks.check_float_data(data, where)
+    level = checks.check_level(sparsity_level, where)
+    block = checks.check_block_shape(block_shape, where)
+    zeros = checks.check_zeros(zeros_per_block, block, where)
+    norm_code = checks.parse_norm(norm)
+    max_chunk_bytes = checks.check_int("max_chunk_bytes", max_chunk_bytes, where, 1)
+    if out is not None and (checks.check_mask_format(out, data, where) != bool(packed) or not out.is_contiguous()):
         raise ValueError(f"{where}: out must be a contiguous {'packed' if packed else 'bool'} mask of the data")
 
     table = data.unsqueeze(0) if data.dim() == 1 else data

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import ops
+from .. import checks, ops
 from ._chunked import DEFAULT_MAX_CHUNK_BYTES, block_norm_mask_chunked
 from .base_data_sparsifier import BaseDataSparsifier, _is_packed_for
 
@@ -42,7 +42,10 @@ class DataNormSparsifier(BaseDataSparsifier):
 
     Args:
         data_list: [(name, data)] to add with the defaults.
-        sparsity_level: fraction of blocks masked; values outside [0, 1] are clamped.
+        sparsity_level: fraction of blocks masked; values outside [0, 1] are clamped (as
+            WeightNormSparsifier clamps them), so a scheduler may overshoot. torch.ao.pruning's own
+            result is wrong below 0: it slices its sorted blocks with a negative count, which masks all
+            but round(-s * num_blocks) blocks (90 % of a table at s = -0.1); here s < 0 masks nothing.
         sparse_block_shape: (rows, cols) of a block.
         zeros_per_block: elements zeroed in each masked block (default: the whole block); (1, 4) with
             zeros_per_block=2 and sparsity_level=1 is 2:4.
@@ -75,7 +78,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         if norm not in ("L1", "L2"):
             raise ValueError(f"DataNormSparsifier: norm must be 'L1' or 'L2', got {norm!r}")
         self.norm = norm
-        self.max_chunk_bytes = ops._check_int("max_chunk_bytes", max_chunk_bytes, "DataNormSparsifier", 1)
+        self.max_chunk_bytes = checks.check_int("max_chunk_bytes", max_chunk_bytes, "DataNormSparsifier", 1)
         super().__init__(data_list=data_list, mask_dtype=mask_dtype, sparsity_level=sparsity_level,
                          sparse_block_shape=sparse_block_shape, zeros_per_block=zeros_per_block)
 
@@ -86,7 +89,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, numbers.Real) \
                 or math.isnan(sparsity_level):
             raise ValueError(f"{where}: sparsity_level must be a number, got {sparsity_level!r}")
-        block = ops._check_block_shape(sparse_block_shape, where)
+        block = checks.check_block_shape(sparse_block_shape, where)
         if isinstance(zeros_per_block, bool) or not isinstance(zeros_per_block, numbers.Integral):
             raise TypeError(f"{where}: zeros_per_block must be an int, got {zeros_per_block!r}")
         if zeros_per_block > block[0] * block[1]:

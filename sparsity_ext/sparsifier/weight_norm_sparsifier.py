@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import _backend, ops
+from .. import checks, ops
 from .base_sparsifier import BaseSparsifier, checked_shape, mask_of
 from .utils import FakeSparsity
 
@@ -25,9 +25,9 @@ def _l2_norm(t: torch.Tensor) -> torch.Tensor:
 
 def _check_args(sparsity_level, sparse_block_shape, zeros_per_block, where: str) -> tuple[float, tuple[int, int], int]:
     """Validated (sparsity_level, sparse_block_shape, zeros_per_block); ValueError/TypeError otherwise."""
-    level = ops._check_level(sparsity_level, where)
-    block = ops._check_block_shape(sparse_block_shape, where)
-    zeros = ops._check_int("zeros_per_block", zeros_per_block, where, 0, block[0] * block[1])
+    level = checks.check_level(sparsity_level, where)
+    block = checks.check_block_shape(sparse_block_shape, where)
+    zeros = checks.check_int("zeros_per_block", zeros_per_block, where, 0, block[0] * block[1])
     return level, block, zeros
 
 
@@ -67,8 +67,13 @@ class WeightNormSparsifier(BaseSparsifier):
     masked block, zeros_per_block elements of smallest norm (all of them by default).
 
     The weight scored is the current masked weight (mask * original), as in torch.ao.pruning, so
-    masked elements stay masked; where a compiled kernel serves ops.block_norm_mask_update_, it is scored
-    without being materialized. The mask is sparsity_ext.ops.block_norm_mask (DESIGN.md "Mask
+    masked elements stay masked; ops.block_norm_mask_update_ scores it (the compiled CPU kernel without
+    materializing it).
+
+    Mask hooks: torch.ao.pruning builds the mask from `_make_tensor_mask` (whole blocks) and
+    `_make_block_mask` (elements within blocks). A subclass that overrides either is honoured: its mask
+    is built through the hooks, composed as torch.ao.pruning composes them. Otherwise the hooks are not
+    called and one fused op computes the same mask. accelerate_torch_ao() follows the same policy. The mask is sparsity_ext.ops.block_norm_mask (DESIGN.md "Mask
     semantics"): blocks tile the weight from the top-left, edge blocks are partial and scored by the
     mean over their valid elements; fp16/bf16 weights are scored in fp32.
 
@@ -141,8 +146,11 @@ class WeightNormSparsifier(BaseSparsifier):
             if level == 1 and zeros == block[0] * block[1]:
                 mask.fill_(0)
                 return
-            original = self._fused_update_input(module, tensor_name, mask)
-            if original is not None:
+            if hooks_overridden(self, WeightNormSparsifier, MASK_HOOKS):
+                mask.copy_(self._mask_from_hooks(getattr(module, tensor_name), level, block, zeros))
+                return
+            original = fused_update_operand(module, tensor_name, FakeSparsity, (torch.bool, torch.float32))
+            if original is not None and self.norm_fn in (_l1_norm, _l2_norm):
                 ops.block_norm_mask_update_(original, mask, level, block, zeros, 1 if self.norm_fn is _l1_norm else 2)
                 return
             weight = getattr(module, tensor_name)
@@ -152,27 +160,49 @@ class WeightNormSparsifier(BaseSparsifier):
             keep = ops.block_norm_mask(as_matrix(data), level, block, zeros, norm)
             mask.copy_(from_matrix(keep, weight.shape))
 
-    def _fused_update_input(self, module, tensor_name: str, mask: torch.Tensor) -> torch.Tensor | None:
-        """The original tensor when ops.block_norm_mask_update_ can compute this mask from it directly: the weight
-        is just mask * original (one FakeSparsity), 1-D or 2-D, with a built-in norm and a mask dtype the op
-        takes, and a compiled kernel serves the op (the reference would materialize the product anyway)."""
-        parametrizations = module.parametrizations[tensor_name]
-        original = parametrizations.original
-        if (len(parametrizations) != 1 or type(parametrizations[0]) is not FakeSparsity
-                or self.norm_fn not in (_l1_norm, _l2_norm) or original.dim() not in (1, 2)
-                or mask.dtype not in (torch.bool, torch.float32, original.dtype)):
-            return None
-        # (a pinned backend without this op, e.g. cuda or triton, takes the unfused path)
-        return original if _backend.runs_on_a_kernel("block_norm_mask_update_", original.device, original.dtype) \
-            else None
+    def _mask_from_hooks(self, weight: torch.Tensor, level: float, block: tuple[int, int], zeros: int):
+        """The mask as torch.ao.pruning composes it from the two hooks: the tensor-level mask of whole blocks,
+        or'ed with the block-level mask when zeros_per_block is smaller than the block."""
+        scores = self.norm_fn(weight)
+        keep = self._make_tensor_mask(data=scores, input_shape=scores.shape, sparsity_level=level,
+                                      sparse_block_shape=block)
+        if zeros != block[0] * block[1]:
+            keep = torch.logical_or(keep, self._make_block_mask(data=scores, sparse_block_shape=block,
+                                                                zeros_per_block=zeros))
+        return keep
 
     def _make_tensor_mask(self, data, input_shape, sparsity_level, sparse_block_shape, mask=None):
         """Float mask (1 keep, 0 drop) that drops the sparsity_level fraction of whole blocks of `data`
-        (already a norm) with the smallest mean. Kept for subclasses that call it; update_mask does not
-        use it (overriding it does not change update_mask)."""
+        (already a norm) with the smallest mean. A mask hook: see the class docstring."""
         return _float_mask(ops.block_norm_mask(data, sparsity_level, sparse_block_shape, None, 0), mask)
 
     def _make_block_mask(self, data, sparse_block_shape, zeros_per_block, mask=None):
         """Float mask that drops the zeros_per_block smallest elements of every block of `data` (already a
-        norm). Kept for subclasses that call it; update_mask does not use it."""
+        norm). A mask hook: see the class docstring."""
         return _float_mask(ops.block_norm_mask(data, 1.0, sparse_block_shape, zeros_per_block, 0), mask)
+
+
+# torch.ao.pruning's WeightNormSparsifier builds its mask from these; a subclass may override them.
+MASK_HOOKS = ("_make_tensor_mask", "_make_block_mask")
+
+
+def hooks_overridden(obj, owner: type, names: Sequence[str]) -> bool:
+    """Whether obj's class overrides any of owner's methods `names` (the mask hooks policy: an override is
+    honoured, by building the mask through the hooks as torch.ao.pruning does, instead of the fused kernels)."""
+    cls = type(obj)
+    return any(getattr(cls, name, None) is not owner.__dict__[name] for name in names)
+
+
+def fused_update_operand(module, tensor_name: str, fake_sparsity_type: type,
+                         mask_dtypes: Sequence[torch.dtype]) -> torch.Tensor | None:
+    """The original tensor when ops.block_norm_mask_update_ can compute module.<tensor_name>'s new mask from it:
+    the weight is exactly mask * original (one parametrization, of fake_sparsity_type), 1-D or 2-D (the
+    op's layouts), and the mask's dtype is one of mask_dtypes or the original's. Else None (the caller scores
+    the parametrized weight)."""
+    parametrizations = module.parametrizations[tensor_name]
+    original = parametrizations.original
+    if (len(parametrizations) != 1 or type(parametrizations[0]) is not fake_sparsity_type
+            or original.dim() not in (1, 2)
+            or parametrizations[0].mask.dtype not in (*mask_dtypes, original.dtype)):
+        return None
+    return original.detach()

@@ -53,35 +53,26 @@ ops launch, and every autotune config, for sm_90 and prints registers per kernel
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 
 import torch
 
-from .. import _backend
-from ..semi_structured._layout import PACK_DTYPES
+from .. import _backend, _composites
 
 OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_",
-            "pack_mask", "unpack_mask")
-# Ops on float data run on these dtypes; pack/unpack take the bool/uint8 masks their wrappers validate.
-_DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FLOAT_DATA_OPS = ("block_norm_mask", "block_norm_mask_apply_", "nm_mask", "select_threshold", "apply_mask_")
+            "pack_mask", "unpack_mask", "sparsify_24_pack")
 
 
-@functools.lru_cache(maxsize=None)
-def _import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "triton":
-            return "triton is not installed: pip install triton"
-        return f"triton failed to import ({exc})"
-    return None
+def _unavailable_reason() -> str | None:
+    """Why the backend cannot run here, decided without importing triton (importing sparsity_ext stays fast;
+    a triton that is installed but fails to import raises its own error at the first call)."""
+    return None if importlib.util.find_spec("triton") is not None else "triton is not installed: pip install triton"
 
 
 def is_available() -> bool:
-    """Whether triton imports here (the backend's kernels can be compiled or interpreted)."""
-    return _import_error() is None
+    """Whether triton is installed here (the backend's kernels can be compiled or interpreted)."""
+    return _unavailable_reason() is None
 
 
 def interpreting() -> bool:
@@ -95,47 +86,29 @@ def _on_device_of(data: torch.Tensor):
     return torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext()
 
 
-def _dispatch(op: str):
+def _kernel(op: str):
     def run(data, *args):
-        from . import ops  # imports triton and compiles nothing yet; kernels compile on first launch
+        # imported on the first call: importing triton and decorating the kernels compiles nothing yet
+        if op == "sparsify_24_pack":
+            from .semi_structured import sparsify_24_pack as launch
+        else:
+            from .ops import BACKEND_FNS
+            launch = BACKEND_FNS[op]
         with _on_device_of(data):
-            return ops.BACKEND_FNS[op](data, *args)
+            return launch(data, *args)
     run.__name__ = f"triton_{op}"
     return run
 
 
-def _sparsify_24_pack(data):
-    from . import semi_structured  # imports triton; the kernel compiles on its first launch
-    with _on_device_of(data):
-        return semi_structured.sparsify_24_pack(data)
-
-
-def _select_on_level_one_mask(*args):
-    from ..ops import select_on_level_one_mask  # ops imports this package at its end
-    return select_on_level_one_mask(*args)
-
-
-def _mask_into_from_block_norm_mask(*args):
-    from ..ops import mask_into_from_block_norm_mask
-    return mask_into_from_block_norm_mask(*args)
-
-
 def register() -> None:
-    """(Re-)register the triton implementations with sparsity_ext's backend registry."""
+    """(Re-)register the triton kernels, and the composites for the ops it has none for, with sparsity_ext's
+    dispatch (again after TRITON_INTERPRET changes: CPU tensors run only in the interpreter)."""
     devices = ("cuda", "cpu") if interpreting() else ("cuda",)
+    reason = _unavailable_reason()
     for op in OP_NAMES:
-        _backend.register(op, "triton", _dispatch(op), devices=devices,
-                          dtypes=_DATA_DTYPES if op in _FLOAT_DATA_OPS else None,
-                          available=is_available, unavailable_reason=lambda: _import_error() or "")
-    # block_norm_mask_select: the triton block_norm_mask at level 1, and the threshold's blocks (see ops)
-    _backend.register("block_norm_mask_select", "triton", _select_on_level_one_mask, devices=devices,
-                      dtypes=_DATA_DTYPES, available=is_available, unavailable_reason=lambda: _import_error() or "")
-    # block_norm_mask_into_: the triton block_norm_mask, copied into the given mask
-    _backend.register("block_norm_mask_into_", "triton", _mask_into_from_block_norm_mask, devices=devices,
-                      dtypes=_DATA_DTYPES, available=is_available, unavailable_reason=lambda: _import_error() or "")
-    # sparsify_24_pack (sparsity_ext.semi_structured): its kernel is triton/semi_structured.py
-    _backend.register("sparsify_24_pack", "triton", _sparsify_24_pack, devices=devices, dtypes=PACK_DTYPES,
-                      available=is_available, unavailable_reason=lambda: _import_error() or "")
+        _backend.register(op, "triton", _kernel(op), devices=devices, dtypes=_backend.KERNEL_DTYPES[op],
+                          available=reason is None, unavailable_reason=reason or "")
+    _composites.register_for("triton", devices)
 
 
 register()

@@ -143,13 +143,14 @@ class Checkpoint:
     non_tensors: dotted names of a torch checkpoint's entries that are not tensors (epoch counters, ...).
     """
 
-    def __init__(self, kind: str, names: list[str], metadata: dict[str, str] | None = None, obj=None):
+    def __init__(self, kind: str, names: list[str], *, metadata: dict[str, str] | None = None, obj=None,
+                 tensors: dict[str, torch.Tensor] | None = None, non_tensors: list[str] | None = None,
+                 file=None, header: dict | None = None, packed: dict[str, dict] | None = None):
+        """Use open_checkpoint or from_object. file, header, packed: an open safe_open handle, the file's
+        header, the packed tensors' metadata entries; tensors: a torch checkpoint's {name: tensor}."""
         self.kind, self.names, self.metadata, self.obj = kind, names, metadata or {}, obj
-        self.non_tensors: list[str] = []
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._header: dict = {}
-        self._packed: dict[str, dict] = {}
-        self._file = None
+        self.non_tensors = non_tensors or []
+        self._tensors, self._file, self._header, self._packed = tensors or {}, file, header or {}, packed or {}
 
     @classmethod
     def from_object(cls, obj) -> "Checkpoint":
@@ -157,9 +158,7 @@ class Checkpoint:
         if not isinstance(obj, (Mapping, torch.nn.Module)):
             raise CheckpointError(f"holds a {type(obj).__name__}, not a state_dict or a model")
         tensors, others = named_tensors(obj)
-        checkpoint = cls("torch", list(tensors), obj=obj)
-        checkpoint._tensors, checkpoint.non_tensors = tensors, others
-        return checkpoint
+        return cls("torch", list(tensors), obj=obj, tensors=tensors, non_tensors=others)
 
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if self.kind == "torch":
@@ -177,10 +176,6 @@ class Checkpoint:
         if name in self._packed:
             return _restore(self._file, name, self._packed[name])
         return self._file.get_tensor(name)
-
-    def packed_block(self, name: str) -> tuple[int, int] | None:
-        """The block shape of a packed tensor, None for a dense one."""
-        return tuple(self._packed[name]["block"]) if name in self._packed else None
 
     def close(self) -> None:
         if self._file is not None:
@@ -246,23 +241,20 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     if kind != "safetensors":
         return Checkpoint.from_object(_torch_load(path, kind, allow_pickle))
     header = _read_safetensors_header(path)
+    metadata = dict(header.get("__metadata__") or {})
+    packed_json = metadata.pop(PACKED_METADATA_KEY, None)
+    names = [key for key in header if key != "__metadata__"]
+    packed = {} if packed_json is None else _parse_packed_metadata(path, packed_json, header)
+    if packed:
+        parts = {part for name in packed for part in packed_part_names(name)}
+        names = [key for key in names if key not in parts] + list(packed)
     from safetensors import safe_open
     try:
         handle = safe_open(str(path), framework="pt", device="cpu").__enter__()
     except Exception as exc:  # safetensors raises its own SafetensorError on inconsistent files
         raise CheckpointError(f"{str(path)!r} is a damaged safetensors file ({exc})") from exc
-    metadata = dict(header.get("__metadata__") or {})
-    packed_json = metadata.pop(PACKED_METADATA_KEY, None)
-    stored = [key for key in header if key != "__metadata__"]
-    if packed_json is None:
-        checkpoint = Checkpoint("safetensors", stored, metadata)
-    else:
-        packed = _parse_packed_metadata(path, packed_json, header)
-        parts = {part for name in packed for part in packed_part_names(name)}
-        checkpoint = Checkpoint("packed", [key for key in stored if key not in parts] + list(packed), metadata)
-        checkpoint._packed = packed
-    checkpoint._header, checkpoint._file = header, handle
-    return checkpoint
+    return Checkpoint("packed" if packed_json is not None else "safetensors", names, metadata=metadata,
+                      file=handle, header=header, packed=packed)
 
 
 def load_checkpoint(path, *, allow_pickle: bool = False):

@@ -86,7 +86,7 @@ def find_tables(model: nn.Module) -> list[Table]:
             continue
         tables.append(table)
         seen_storages.update(_storage(t) for t in table.local)
-    for module_name, module in ((n, m) for n, m in _named_tbes(model)):
+    for module_name, module in _named_tbes(model):
         weights = module.split_embedding_weights()
         if any(_storage(w) in seen_storages for w in weights):
             continue  # a collection's TBE: its tables were found by name above

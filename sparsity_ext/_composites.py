@@ -86,9 +86,9 @@ COMPOSITES = (
 )
 
 
-def register_for(backend: str, devices: tuple[str, ...]) -> None:
+def register_for(backend: str, devices: tuple[str, ...], available: bool, unavailable_reason: str = "") -> None:
     """Give `backend` each composite whose op it has no kernel for and whose ingredients it has; call it after
-    registering the backend's kernels (again whenever they are re-registered)."""
+    registering the backend's kernels (again whenever they are re-registered), with the backend's availability."""
     def run(op, *args):
         return _backend.implementation(op, backend).fn(*args)
 
@@ -96,12 +96,8 @@ def register_for(backend: str, devices: tuple[str, ...]) -> None:
         own = _backend.implementation(composite.op, backend)
         if own is not None and own.composite is None:
             continue  # the backend has a kernel (built or not) for it
-        ingredients = [_backend.implementation(op, backend) for op in composite.needs]
-        if any(impl is None for impl in ingredients):
+        if any(_backend.implementation(op, backend) is None for op in composite.needs):
             continue
-        missing = [op for op, impl in zip(composite.needs, ingredients) if not impl.available]
         _backend.register(composite.op, backend, composite.build(run), devices=devices,
-                          dtypes=_backend.KERNEL_DTYPES[composite.op], available=not missing,
-                          unavailable_reason="; ".join(
-                              _backend.implementation(op, backend).unavailable_reason for op in missing),
-                          composite=composite.description)
+                          dtypes=_backend.KERNEL_DTYPES[composite.op], available=available,
+                          unavailable_reason=unavailable_reason, composite=composite.description)

@@ -73,7 +73,7 @@ def _register_backends() -> None:
         for op in (kernels or _backend.OP_NAMES):
             _backend.register(op, backend, _compiled_op(op), devices=(backend,), dtypes=_backend.KERNEL_DTYPES[op],
                               available=bool(kernels), unavailable_reason=reason)
-        _composites.register_for(backend, (backend,))
+        _composites.register_for(backend, (backend,), bool(kernels), reason)
 
 
 _register_backends()

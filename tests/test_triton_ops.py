@@ -334,9 +334,16 @@ def test_backend_is_registered_for_this_machine():
 
 
 def test_missing_triton_gives_install_hint(monkeypatch):
-    monkeypatch.setattr(triton_backend, "_import_error", lambda: "triton is not installed: pip install triton")
-    with sparsity_ext.use_backend("triton"), pytest.raises(RuntimeError, match="pip install triton"):
-        ops.block_norm_mask(randn((2, 4)), 0.5, (1, 4))
+    monkeypatch.setattr(triton_backend, "_unavailable_reason", lambda: "triton is not installed: pip install triton")
+    triton_backend.register()
+    try:
+        with sparsity_ext.use_backend("triton"), pytest.raises(RuntimeError, match="pip install triton"):
+            ops.block_norm_mask(randn((2, 4)), 0.5, (1, 4))
+        with sparsity_ext.use_backend("triton"), pytest.raises(RuntimeError, match="pip install triton"):
+            ops.block_scores(randn((2, 4)), (1, 4))  # its composite is not available either
+    finally:
+        monkeypatch.undo()
+        triton_backend.register()
 
 
 def test_fake_impls_give_output_shapes():

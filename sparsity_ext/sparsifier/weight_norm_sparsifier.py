@@ -7,9 +7,10 @@ import math
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.utils import parametrize
 
 from .. import checks, ops
-from .base_sparsifier import BaseSparsifier, checked_shape, mask_of
+from .base_sparsifier import BaseSparsifier, checked_shape, clamped_level, mask_of
 from .utils import FakeSparsity
 
 __all__ = ["WeightNormSparsifier"]
@@ -24,8 +25,9 @@ def _l2_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_args(sparsity_level, sparse_block_shape, zeros_per_block, where: str) -> tuple[float, tuple[int, int], int]:
-    """Validated (sparsity_level, sparse_block_shape, zeros_per_block); ValueError/TypeError otherwise."""
-    level = checks.check_level(sparsity_level, where)
+    """Validated (sparsity_level clamped to [0, 1], sparse_block_shape, zeros_per_block); ValueError/TypeError
+    otherwise."""
+    level = clamped_level(sparsity_level, where)
     block = checks.check_block_shape(sparse_block_shape, where)
     zeros = checks.check_int("zeros_per_block", zeros_per_block, where, 0, block[0] * block[1])
     return level, block, zeros
@@ -52,6 +54,24 @@ def from_matrix(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return matrix.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 
+def mask_dtype_after_step(weight_dtype: torch.dtype, zeros_per_block: int, block_size: int) -> torch.dtype:
+    """The dtype torch.ao.pruning's step gives a mask it computes: bool when zeros_per_block is smaller than
+    the block (its logical_or), else the default float dtype; fp16/bf16 weights keep their own dtype there
+    (a float32 mask would turn the weight float32, and the layer's half-precision forward would fail)."""
+    if zeros_per_block < block_size:
+        return torch.bool
+    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else torch.get_default_dtype()
+
+
+def _store(mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> None:
+    """Writes `keep` into the live mask as `dtype`: in place when the mask has it, else by rebinding its
+    .data (the object, shared with the state and the parametrization, stays), as torch.ao.pruning does."""
+    if mask.dtype == dtype:
+        mask.copy_(keep)
+    else:
+        mask.data = keep.to(dtype)
+
+
 def _float_mask(keep: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`keep` as a default-dtype float mask, as torch.ao.pruning's mask helpers return it; rebound into
     `mask` (its .data) when one is given, as they do."""
@@ -73,12 +93,14 @@ class WeightNormSparsifier(BaseSparsifier):
     Mask hooks: torch.ao.pruning builds the mask from `_make_tensor_mask` (whole blocks) and
     `_make_block_mask` (elements within blocks). A subclass that overrides either is honoured: its mask
     is built through the hooks, composed as torch.ao.pruning composes them. Otherwise the hooks are not
-    called and one fused op computes the same mask. accelerate_torch_ao() follows the same policy. The mask is sparsity_ext.ops.block_norm_mask (DESIGN.md "Mask
-    semantics"): blocks tile the weight from the top-left, edge blocks are partial and scored by the
+    called and one fused op computes the same mask. accelerate_torch_ao() follows the same policy.
+
+    The mask is sparsity_ext.ops.block_norm_mask (docs/design.md, "Mask semantics"): blocks tile the weight from the top-left, edge blocks are partial and scored by the
     mean over their valid elements; fp16/bf16 weights are scored in fp32.
 
     Args:
-        sparsity_level: fraction of blocks masked, in [0, 1].
+        sparsity_level: fraction of blocks masked; values outside [0, 1] are clamped, as torch.ao.pruning
+            does (so a scheduler such as LambdaSL may overshoot 1).
         sparse_block_shape: (block rows, block cols) in the weight's 2-D layout: for nn.Linear rows are
             output and cols input features; 4-D conv weights use the layout of `as_matrix`.
         zeros_per_block: elements zeroed in each masked block (default: the whole block); (1, 4) with
@@ -87,11 +109,16 @@ class WeightNormSparsifier(BaseSparsifier):
             scores then rank as they are).
     All four are defaults; each config entry given to `prepare` may override them for its tensor.
 
-    Where torch.ao.pruning crashes or returns a mask of the wrong shape, this class follows the mask
-    contract instead: partial edge blocks with zeros_per_block < block size, sparsity_level 1 with
-    partial blocks, blocks taller than the weight, 1-D weights (one row), and conv weights. Arguments
-    out of range (sparsity_level outside [0, 1], zeros_per_block outside [0, block size]) raise before
-    any mask changes; torch.ao.pruning clamps sparsity_level.
+    The mask's dtype after a step is torch.ao.pruning's: unchanged where everything is kept or zeroed,
+    bool when zeros_per_block is smaller than the block, else the default float dtype.
+
+    Differences from torch.ao.pruning (README, "Differences from torch.ao.pruning"): where it crashes
+    or returns a mask of the wrong shape, this class follows the mask contract instead: partial edge
+    blocks with zeros_per_block < block size, sparsity_level 1 with partial blocks, blocks taller than
+    the weight, 1-D weights (one row), and conv weights. fp16/bf16 weights are scored in fp32 and their
+    float masks keep the weight's dtype. Weights of other dtypes (e.g. int64, which torch.ao.pruning's
+    step turns float32 so that squash_mask then fails) raise TypeError at prepare(). zeros_per_block
+    outside [0, block size] raises before any mask changes.
     """
 
     def __init__(self, sparsity_level: float = 0.5, sparse_block_shape: tuple[int, int] = (1, 4),
@@ -120,6 +147,12 @@ class WeightNormSparsifier(BaseSparsifier):
         _check_args(group["sparsity_level"], group["sparse_block_shape"], group["zeros_per_block"], where)
         if len(checked_shape(group["module"], group["tensor_name"], where)) == 0:
             raise ValueError(f"{where}: cannot sparsify a 0-d tensor")
+        module, tensor_name = group["module"], group["tensor_name"]
+        tensor = (module.parametrizations[tensor_name].original if parametrize.is_parametrized(module, tensor_name)
+                  else getattr(module, tensor_name))
+        if tensor.dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"{where}: the tensor is {tensor.dtype}; WeightNormSparsifier takes "
+                            f"{[str(d) for d in checks.FLOAT_DTYPES]}")
 
     def _scores_and_norm(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(data, norm code) to hand to ops: the weight with a built-in norm, else norm_fn(weight) ranked as is."""
@@ -134,8 +167,8 @@ class WeightNormSparsifier(BaseSparsifier):
         return scores, 0
 
     def update_mask(self, module, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs):
-        """Computes the mask of module.<tensor_name> and copies it into its mask buffer (in place: the
-        buffer keeps its identity and dtype)."""
+        """Computes the mask of module.<tensor_name> and writes it into its mask (the object stays; its dtype
+        becomes torch.ao.pruning's, see mask_dtype_after_step)."""
         where = type(self).__name__
         level, block, zeros = _check_args(sparsity_level, sparse_block_shape, zeros_per_block, where)
         mask = mask_of(module, tensor_name, where)
@@ -146,11 +179,14 @@ class WeightNormSparsifier(BaseSparsifier):
             if level == 1 and zeros == block[0] * block[1]:
                 mask.fill_(0)
                 return
+            weight_dtype = module.parametrizations[tensor_name].original.dtype
+            dtype = mask_dtype_after_step(weight_dtype, zeros, block[0] * block[1])
             if hooks_overridden(self, WeightNormSparsifier, MASK_HOOKS):
-                mask.copy_(self._mask_from_hooks(getattr(module, tensor_name), level, block, zeros))
+                keep = self._mask_from_hooks(getattr(module, tensor_name), level, block, zeros)
+                _store(mask, keep, keep.dtype if keep.dtype == torch.bool else dtype)
                 return
-            original = fused_update_operand(module, tensor_name, FakeSparsity, (torch.bool, torch.float32))
-            if original is not None and self.norm_fn in (_l1_norm, _l2_norm):
+            original = fused_update_operand(module, tensor_name, FakeSparsity, (dtype,))
+            if original is not None and mask.dtype == dtype and self.norm_fn in (_l1_norm, _l2_norm):
                 ops.block_norm_mask_update_(original, mask, level, block, zeros, 1 if self.norm_fn is _l1_norm else 2)
                 return
             weight = getattr(module, tensor_name)
@@ -158,7 +194,7 @@ class WeightNormSparsifier(BaseSparsifier):
                 raise ValueError(f"{where}: cannot sparsify a 0-d tensor")
             data, norm = self._scores_and_norm(weight)
             keep = ops.block_norm_mask(as_matrix(data), level, block, zeros, norm)
-            mask.copy_(from_matrix(keep, weight.shape))
+            _store(mask, from_matrix(keep, weight.shape), dtype)
 
     def _mask_from_hooks(self, weight: torch.Tensor, level: float, block: tuple[int, int], zeros: int):
         """The mask as torch.ao.pruning composes it from the two hooks: the tensor-level mask of whole blocks,

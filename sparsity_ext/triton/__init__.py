@@ -108,7 +108,7 @@ def register() -> None:
     for op in OP_NAMES:
         _backend.register(op, "triton", _kernel(op), devices=devices, dtypes=_backend.KERNEL_DTYPES[op],
                           available=reason is None, unavailable_reason=reason or "")
-    _composites.register_for("triton", devices)
+    _composites.register_for("triton", devices, reason is None, reason or "")
 
 
 register()

@@ -1,7 +1,7 @@
 // The one place where every sparsity_ext op is declared. Backends register their kernels beside
 // the kernels themselves (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(sparsity_ext, CPU, m); csrc/cuda/*.cu:
 // TORCH_LIBRARY_IMPL(sparsity_ext, CUDA, m)); fake (meta) impls live in sparsity_ext/_fake.py.
-// The contract of each op is DESIGN.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
+// The contract of each op is docs/design.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
 #include <torch/library.h>
 
 // Importing sparsity_ext._C only has to run the static registrations below; no per-op Python glue.

@@ -1,6 +1,6 @@
 // Torch-free math shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda): both call
 // these functions, so they round identically and the CPU tests exercise the code the GPU runs.
-// The contract is DESIGN.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
+// The contract is docs/design.md's "Mask semantics"; sparsity_ext/reference.py is its oracle.
 //
 // Exactness: scores are fp32 for fp32/fp16/bf16 input. Build with -ffp-contract=off (host) and
 // -fmad=false (nvcc): a fused multiply-add in sum += x * x would round differently from the

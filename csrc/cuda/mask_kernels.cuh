@@ -2,7 +2,7 @@
 // block_mask_cuda.cu).
 // The per-element and per-block math is csrc/common/mask_math.h, shared with the CPU kernels.
 //
-// Block-norm mask pipeline (DESIGN.md "Algorithms"), all on the current stream, no host sync:
+// Block-norm mask pipeline (docs/design.md "Algorithms"), all on the current stream, no host sync:
 //   block_keys_kernel   one thread per block: order key of its score (-> keys) and/or its cut
 //                       (-> cuts), and pass 0 of the radix histogram (shared, then global atomics)
 //   radix_step_kernel   one CTA: picks the pass's digit from the histogram (RadixState in memory)

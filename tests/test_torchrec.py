@@ -214,3 +214,63 @@ def test_importing_sparsity_ext_does_not_import_torchrec():
     code = "import sys, sparsity_ext, sparsity_ext.data_sparsifier; print('torchrec' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _torch_ao_sparsified(weight: torch.Tensor, level: float, block: tuple[int, int]) -> torch.Tensor:
+    """torch.ao.pruning's DataNormSparsifier (the oracle, not ours) squashed into a copy of weight."""
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as TorchAoDataNormSparsifier
+    data = weight.clone()
+    sparsifier = TorchAoDataNormSparsifier(sparsity_level=level, sparse_block_shape=block,
+                                           zeros_per_block=block[0] * block[1])
+    sparsifier.add_data("t", data)
+    sparsifier.step()
+    sparsifier.squash_mask()
+    return data
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (torch.equal calls -0.0 and 0.0 equal; torch.ao's squash writes -0.0)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+def _checkpoint_models():
+    from torchrec.models.dlrm import DLRM
+    same_dim = [EmbeddingBagConfig(name=name, embedding_dim=8, num_embeddings=rows, feature_names=[f"f_{name}"])
+                for name, rows in (("t_user", 30), ("t_item", 45))]  # DLRM wants one dim for all tables
+    return {  # DLRM: a collection beside dense layers, which the default pattern must leave alone
+        "dlrm_ebc": DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=same_dim, device=CPU),
+                         dense_in_features=4, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1]),
+        "ec": _models()["ec"],
+        "fused": _models()["fused"],  # its state_dict tensors are views into one flat buffer
+    }
+
+
+@pytest.mark.parametrize("kind", ["dlrm_ebc", "ec", "fused"])
+@pytest.mark.parametrize("options, level, block", [([], 0.8, (1, 4)), (["--level", "0.5", "--block", "2x4"], 0.5, (2, 4))],
+                         ids=["defaults", "2x4"])
+def test_cli_sparsifies_exactly_the_tables_of_a_torchrec_checkpoint(kind, options, level, block, tmp_path, capsys):
+    """`sparsity-ext sparsify` with the default --tensors on a torch.save'd TorchRec state_dict: every table (and
+    nothing else) becomes torch.ao.pruning's DataNormSparsifier result on it, byte for byte."""
+    from sparsity_ext import cli
+    model = _checkpoint_models()[kind]
+    _fill_tie_free(model, seed=5)  # tie-free tables (and dense weights)
+    originals = {key: value.clone() for key, value in model.state_dict().items()}
+    tables = [key for key in originals if key.endswith(".weight") and (".embedding_bags." in f".{key}"
+                                                                        or ".embeddings." in f".{key}")]
+    assert len(tables) == 2
+    source, output = tmp_path / "model.pt", tmp_path / "model.sparse.pt"
+    torch.save(model.state_dict(), source)
+    status = cli.main(["sparsify", str(source), "-o", str(output), *options])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert f"{len(tables)} matched, {len(tables)} sparsified, 0 skipped" in printed
+    result = torch.load(output, weights_only=True)
+    assert list(result) == list(originals)
+    for key, original in originals.items():
+        expected = _torch_ao_sparsified(original, level, block) if key in tables else original
+        assert torch.equal(result[key], expected), key  # the same mask, the kept values unchanged
+        assert _bytes_equal(result[key], expected), f"{key}: the sign of a zeroed negative weight (x * 0 is -0.0)"
+    for key in tables:
+        zeroed = float((result[key] == 0).float().mean())
+        assert 0 < zeroed < 1, (key, zeroed)

@@ -437,8 +437,13 @@ def _sparsify(args) -> int:
         bar = _progress_bar(sum(math.prod(s) * d.itemsize for s, d in map(source.shape_and_dtype, written)))
         rows = {}
 
+        # Streaming out of a torch file, sparsify copies: the loaded (memory-mapped) tensors stay clean file pages,
+        # and each copy is freed once written, so memory does not grow with the checkpoint.
+        copy_first = source.kind == "torch" and out_format in ("safetensors", "packed")
+
         def prepare(name: str, tensor: torch.Tensor) -> torch.Tensor:
             if name in chosen_set:
+                tensor = tensor.clone() if copy_first else tensor
                 rows[name] = _sparsify_and_measure(name, tensor, args, device, compare)
             if bar is not None:
                 bar.update(tensor.numel() * tensor.element_size())

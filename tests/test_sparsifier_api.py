@@ -252,17 +252,41 @@ def test_step_updates_every_group_unless_mask_updates_are_disabled():
         assert sparsifier.state[fqn]["step_count"] == 2
 
 
-def test_weight_norm_step_writes_into_the_same_float_mask_buffer():
+def test_weight_norm_step_keeps_the_mask_object_and_gives_it_torch_aos_dtype():
     model = Nested()
     sparsifier = sparsity_ext.WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=2)
     sparsifier.prepare(model, [{"tensor_fqn": "seq.0.weight"}])
     mask = mask_of(model, "seq.0.weight")
-    pointer = mask.data_ptr()
+    assert mask.dtype == torch.float32  # torch.ones_like(weight), as torch.ao.pruning's prepare
     sparsifier.step()
-    assert mask_of(model, "seq.0.weight") is mask and mask.data_ptr() == pointer
-    assert sparsifier.state["seq.0.weight"]["mask"] is mask
-    assert mask.dtype == torch.float32 and mask.sum() == 16 * 8 - 16 * 2  # 16 of the 32 blocks lose 2 of 4
+    assert mask_of(model, "seq.0.weight") is mask and sparsifier.state["seq.0.weight"]["mask"] is mask
+    assert mask.dtype == torch.bool and mask.sum() == 16 * 8 - 16 * 2  # 16 of the 32 blocks lose 2 of 4
+    pointer = mask.data_ptr()
+    sparsifier.step()  # the mask has its dtype now: later steps write into it in place
+    assert mask.data_ptr() == pointer and mask.dtype == torch.bool
     assert not mask.requires_grad
+
+
+@pytest.mark.parametrize("level,clamped", [(1.5, 1.0), (-0.1, 0.0), (math.inf, 1.0)])
+def test_weight_norm_levels_outside_0_1_are_accepted_and_clamped(level, clamped):
+    masks = []
+    for value in (level, clamped):
+        model = Nested()
+        sparsifier = sparsity_ext.WeightNormSparsifier(sparse_block_shape=(1, 4), zeros_per_block=2)
+        sparsifier.prepare(model, [{"tensor_fqn": "seq.0.weight", "sparsity_level": value}])
+        sparsifier.step()
+        masks.append(mask_of(model, "seq.0.weight"))
+    assert masks[0].dtype == masks[1].dtype and torch.equal(masks[0], masks[1])
+
+
+def test_weight_norm_rejects_a_non_float_tensor_at_prepare_naming_it():
+    model = Nested()
+    model.head.weight = nn.Parameter(torch.arange(48).reshape(4, 12), requires_grad=False)
+    before = snapshot(model)
+    sparsifier = sparsity_ext.WeightNormSparsifier()
+    with pytest.raises(TypeError, match=r"head\.weight.*torch\.int64.*torch\.float32"):
+        sparsifier.prepare(model, [{"tensor_fqn": "seq.0.weight"}, {"tensor_fqn": "head.weight"}])
+    assert_same_snapshot(before, snapshot(model))
 
 
 def test_squash_mask_folds_masks_and_keeps_requested_params():
@@ -552,8 +576,6 @@ BAD_CONFIGS = [
     ({"tensor_fqn": "seq.0.weight.x"}, ValueError, "no submodule"),
     ({"tensor_fqn": "head.weight", "zeros_per_block": 5}, ValueError, "zeros_per_block"),
     ({"tensor_fqn": "head.weight", "zeros_per_block": -1}, ValueError, "zeros_per_block"),
-    ({"tensor_fqn": "head.weight", "sparsity_level": 1.5}, ValueError, "sparsity_level"),
-    ({"tensor_fqn": "head.weight", "sparsity_level": -0.1}, ValueError, "sparsity_level"),
     ({"tensor_fqn": "head.weight", "sparsity_level": math.nan}, ValueError, "sparsity_level"),
     ({"tensor_fqn": "head.weight", "sparse_block_shape": (0, 4)}, ValueError, "block_shape"),
     ({"tensor_fqn": "head.weight", "sparse_block_shape": (4,)}, ValueError, "block_shape"),
@@ -584,7 +606,7 @@ def test_prepare_rejects_non_dict_entries_and_unknown_norms():
         sparsity_ext.WeightNormSparsifier(norm=3)
 
 
-@pytest.mark.parametrize("bad_level", [1.5, -0.5, "0.5"])
+@pytest.mark.parametrize("bad_level", [math.nan, "0.5"])
 def test_step_with_a_bad_group_changes_no_mask(bad_level):
     model = Nested()
     sparsifier = sparsity_ext.WeightNormSparsifier(sparsity_level=0.5)

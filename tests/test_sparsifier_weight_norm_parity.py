@@ -65,9 +65,12 @@ def test_masks_and_squashed_weights_equal_torch_ao(case):
     weight = tie_free(shape, seed=sum(shape) + block[0] * 7 + block[1])
     args = dict(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=norm)
     ours, ours_sparsifier = _sparsify(sparsity_ext.WeightNormSparsifier, weight, **args)
-    assert _mask(ours).dtype == torch.float32 and _mask(ours).shape == shape
+    assert _mask(ours).shape == shape
 
     if torch_ao_breaks(shape, block, level, zeros):
+        # torch.ao.pruning's dtype rule: bool from its logical_or when zeros_per_block < block size
+        computed = 0 < level and 0 < zeros and not (level >= 1 and zeros == block[0] * block[1])
+        assert _mask(ours).dtype == (torch.bool if computed and zeros < block[0] * block[1] else torch.float32)
         try:
             theirs, _ = _sparsify(tao.WeightNormSparsifier, weight, **args)
             assert _mask(theirs).shape != shape, "torch.ao.pruning was expected to give a wrongly-shaped mask"
@@ -80,10 +83,11 @@ def test_masks_and_squashed_weights_equal_torch_ao(case):
         return
 
     theirs, theirs_sparsifier = _sparsify(tao.WeightNormSparsifier, weight, **args)
-    assert torch.equal(_mask(ours).bool(), _mask(theirs).bool())
+    assert _mask(ours).dtype == _mask(theirs).dtype
+    assert torch.equal(_mask(ours), _mask(theirs))
     ours_sparsifier.squash_mask()
     theirs_sparsifier.squash_mask()
-    assert torch.equal(ours.weight, theirs.weight)
+    assert torch.equal(ours.weight.view(torch.int32), theirs.weight.view(torch.int32))
 
 
 def test_rising_schedule_gives_torch_ao_masks_step_by_step():
@@ -190,7 +194,7 @@ def test_conv_weight_blocks_run_along_input_channels_of_each_tap():
     sparsifier.prepare(conv, [{"tensor_fqn": "weight"}])
     sparsifier.step()
     mask = conv.parametrizations.weight[0].mask
-    assert mask.shape == weight.shape and mask.dtype == torch.float32
+    assert mask.shape == weight.shape and mask.dtype == torch.bool  # 2:4 masks are bool, as torch.ao.pruning's
     groups = weight.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4).abs()   # (Cout, kh, kw, Cin/4, 4)
     kept = mask.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4).bool()
     assert torch.equal(kept, groups >= groups.sort(dim=-1).values[..., 2:3])
@@ -218,13 +222,18 @@ def test_one_dim_weight_is_one_row():
     assert torch.equal(_mask(model).bool(), expected)
 
 
+@pytest.mark.parametrize("zeros", [5, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_low_and_high_precision_weights_follow_the_reference(dtype):
+def test_low_and_high_precision_weights_follow_the_reference(dtype, zeros):
     weight = tie_free((9, 14), dtype=dtype, seed=9)
     model, _ = _sparsify(sparsity_ext.WeightNormSparsifier, weight, sparsity_level=0.6,
-                         sparse_block_shape=(2, 4), zeros_per_block=5)
-    assert _mask(model).dtype == dtype  # the mask keeps the weight's dtype (torch.ones_like at prepare)
-    assert torch.equal(_mask(model).bool(), reference.block_norm_mask(weight, 0.6, (2, 4), 5, 2))
+                         sparse_block_shape=(2, 4), zeros_per_block=zeros)
+    # torch.ao.pruning's dtypes: bool within blocks, else float32, except that fp16/bf16 weights keep
+    # their own dtype (torch.ao.pruning's float32 mask would turn them float32)
+    half = dtype in (torch.float16, torch.bfloat16)
+    assert _mask(model).dtype == (torch.bool if zeros < 8 else dtype if half else torch.float32)
+    assert model.weight.dtype == dtype
+    assert torch.equal(_mask(model).bool(), reference.block_norm_mask(weight, 0.6, (2, 4), zeros, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -294,8 +303,8 @@ def test_bad_arguments_on_a_meta_model_still_raise():
     with pytest.raises(ValueError, match="zeros_per_block"):
         sparsifier.prepare(model, [{"tensor_fqn": "weight", "zeros_per_block": 9}])
     sparsifier.prepare(model, [{"tensor_fqn": "weight"}])
-    sparsifier.groups[0]["sparsity_level"] = 1.5  # as a scheduler could set it
-    with pytest.raises(ValueError, match="sparsity_level must be in"):
+    sparsifier.groups[0]["zeros_per_block"] = 9
+    with pytest.raises(ValueError, match="zeros_per_block"):
         sparsifier.step()
 
 

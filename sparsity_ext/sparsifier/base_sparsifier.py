@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
+import numbers
 from collections import defaultdict
 from typing import Any
 
@@ -53,6 +55,16 @@ def _check_mask_fits(mask, tensor: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: mask is on {mask.device} but the tensor is on {tensor.device}")
     if torch.result_type(mask, tensor) != tensor.dtype:
         raise ValueError(f"{where}: a {mask.dtype} mask would change the tensor's dtype {tensor.dtype}")
+
+
+def clamped_level(sparsity_level, where: str) -> float:
+    """sparsity_level clamped to [0, 1], as torch.ao.pruning's sparsifiers treat levels outside it (so a
+    scheduler may overshoot 1); TypeError unless a real number, ValueError for NaN."""
+    if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, numbers.Real):
+        raise TypeError(f"{where}: sparsity_level must be a number, got {sparsity_level!r}")
+    if math.isnan(sparsity_level):
+        raise ValueError(f"{where}: sparsity_level is NaN")
+    return min(max(float(sparsity_level), 0.0), 1.0)
 
 
 def _mask_for(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

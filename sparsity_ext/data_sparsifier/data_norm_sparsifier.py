@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import checks, ops
+from ..sparsifier.base_sparsifier import clamped_level
 from ._chunked import DEFAULT_MAX_CHUNK_BYTES, block_norm_mask_chunked
 from .base_data_sparsifier import BaseDataSparsifier, _is_packed_for
 
@@ -86,9 +87,7 @@ class DataNormSparsifier(BaseDataSparsifier):
     def _check_config(sparsity_level, sparse_block_shape, zeros_per_block) -> tuple[float, tuple[int, int], int]:
         """(sparsity_level clamped to [0, 1], block shape, zeros_per_block), validated."""
         where = "DataNormSparsifier"
-        if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, numbers.Real) \
-                or math.isnan(sparsity_level):
-            raise ValueError(f"{where}: sparsity_level must be a number, got {sparsity_level!r}")
+        level = clamped_level(sparsity_level, where)
         block = checks.check_block_shape(sparse_block_shape, where)
         if isinstance(zeros_per_block, bool) or not isinstance(zeros_per_block, numbers.Integral):
             raise TypeError(f"{where}: zeros_per_block must be an int, got {zeros_per_block!r}")
@@ -97,7 +96,7 @@ class DataNormSparsifier(BaseDataSparsifier):
                              f"in a block ({block[0] * block[1]})")
         if zeros_per_block < 0:
             raise ValueError(f"{where}: zeros_per_block must be >= 0, got {zeros_per_block}")
-        return min(max(float(sparsity_level), 0.0), 1.0), block, int(zeros_per_block)
+        return level, block, int(zeros_per_block)
 
     def _validate_data(self, name, data, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs) -> None:
         self._check_config(sparsity_level, sparse_block_shape, zeros_per_block)

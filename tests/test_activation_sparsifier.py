@@ -146,20 +146,29 @@ def test_register_layer_merges_defaults_and_attaches_the_aggregate_hook():
     assert sparsifier.defaults["mask_fn"] is None  # the default mask_fn is filled in per layer only
 
 
-def test_register_layer_twice_raises_and_keeps_the_first_registration():
+def test_register_layer_twice_warns_and_replaces_the_first_registration_as_torch_ao():
     sparsifier = make()
     layer = sparsifier.model.conv1
-    old_config = dict(sparsifier.data_groups["conv1"])
-    old_level = old_config["sparse_config"].get("sparsity_level")
-    with pytest.raises(ValueError, match="already registered.*unregister_layer"):
+    old_hook = sparsifier.data_groups["conv1"]["hook"]
+    with pytest.warns(UserWarning, match="already registered"):
         sparsifier.register_layer(layer, mask_fn=norm_mask, sparsity_level=0.9)
-    assert sparsifier.data_groups["conv1"]["sparse_config"].get("sparsity_level") == old_level
-    assert sparsifier.data_groups["conv1"]["hook"] is old_config["hook"]
-    assert list(layer._forward_pre_hooks) == [old_config["hook"].id]
-    sparsifier.unregister_layer("conv1")  # the explicit way to re-configure a layer
-    sparsifier.register_layer(layer, mask_fn=norm_mask, sparsity_level=0.9)
     assert sparsifier.data_groups["conv1"]["sparse_config"]["sparsity_level"] == 0.9
+    assert sparsifier.data_groups["conv1"]["hook"] is not old_hook
     assert len(layer._forward_pre_hooks) == 1
+    theirs = make(TorchActivationSparsifier, model=without_hooks(sparsifier.model), layers=WITH_NORM_MASK)
+    with pytest.warns(UserWarning):
+        theirs.register_layer(theirs.model.conv1, mask_fn=norm_mask, sparsity_level=0.9)
+    assert len(theirs.model.conv1._forward_pre_hooks) == 1
+
+
+def test_bad_re_registration_raises_and_keeps_the_first_registration():
+    sparsifier = make()
+    layer = sparsifier.model.conv1
+    old_hook = sparsifier.data_groups["conv1"]["hook"]
+    with pytest.raises(ValueError):
+        sparsifier.register_layer(layer, mask_fn=norm_mask, features=[0])  # features without feature_dim
+    assert sparsifier.data_groups["conv1"]["hook"] is old_hook
+    assert list(layer._forward_pre_hooks) == [old_hook.id]
 
 
 def test_unregister_layer_detaches_everything():
@@ -209,16 +218,18 @@ def test_step_computes_masks_from_the_reduced_aggregate():
         assert feature_mask.shape == (4, 1) and int((feature_mask == 0).sum()) == 2
 
 
-def test_mask_persists_across_the_next_forward_and_keeps_its_identity():
-    sparsifier = make()
-    for x in batches():
-        sparsifier.model(x)
-    mask = sparsifier.get_mask("conv1")
-    sparsifier.step()
-    stepped = sparsifier.get_mask("conv1").clone()
-    assert sparsifier.get_mask("conv1") is mask
-    sparsifier.model(batches(1, seed=7)[0])  # starts a new aggregate; torch.ao would reset the mask to ones
-    assert sparsifier.get_mask("conv1") is mask and torch.equal(mask, stepped)
+def test_first_forward_after_step_resets_the_mask_to_ones_as_torch_ao():
+    ours = make(layers=WITH_NORM_MASK)
+    theirs = make(TorchActivationSparsifier, model=without_hooks(ours.model), layers=WITH_NORM_MASK)
+    for sparsifier in (ours, theirs):
+        for x in batches():
+            sparsifier.model(x)
+        sparsifier.step()
+        assert not bool(sparsifier.get_mask("conv1").all())  # the stepped mask drops something
+        sparsifier.model(batches(1, seed=7)[0])  # starts a new aggregate, and a new all-ones mask
+    for name in ours.data_groups:
+        assert_masks_equal(ours.get_mask(name), theirs.get_mask(name))
+    assert bool(ours.get_mask("conv1").all())
 
 
 @pytest.mark.parametrize("use_default_mask_fn", [False, True])

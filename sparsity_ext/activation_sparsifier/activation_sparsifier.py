@@ -15,16 +15,13 @@ listed index along `feature_dim` gets its own aggregate and mask.
 Differences from torch.ao.pruning (torch.ao.pruning raises, silently misbehaves or leaks there):
 - mask_fn defaults to `block_norm_mask_fn` (sparsity_ext.ops.block_norm_mask); torch.ao.pruning has no
   default and rejects a missing mask_fn. `defaults["mask_fn"]` stays None, as given.
-- The mask is created once, on the layer's first forward; torch.ao.pruning resets it to ones on the
-  first forward after every step, so get_mask / squash_mask then see an all-ones mask.
 - Aggregation runs under torch.no_grad (no autograd graph is kept alive across forwards).
 - The sparsify hook does not modify the caller's input tensor in place, and passes a layer's further
   positional inputs through (torch.ao.pruning drops them).
 - Bad input raises ValueError/TypeError before anything changes: an unknown layer or layer name,
   non-callable functions, features without feature_dim, bad block-mask arguments, `step` without
   aggregated activations, `squash_mask` before any forward, a state_dict naming layers the model
-  lacks, and a layer registered twice (torch.ao.pruning warns and silently replaces the first config
-  and drops its mask; here re-configuring a layer is explicit: unregister_layer, then register_layer).
+  lacks.
 - A mask_fn result that does not broadcast to the layer's input shape raises ValueError at the step()
   that produced it (torch.ao.pruning keeps it, and the forward after squash_mask fails).
 - `squash_mask(attach_sparsify_hook=False)` records hook_state "None" (torch.ao.pruning records
@@ -35,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -171,8 +169,10 @@ class ActivationSparsifier:
 
     # -------------------------------------------------------------------------------------- hooks
     def _aggregate_hook(self, name: str) -> Callable:
-        """The forward pre-hook that folds the layer's input into data_groups[name]["data"] and, on the
-        layer's first forward, creates the all-ones mask of the input's (per-feature) shape."""
+        """The forward pre-hook that folds the layer's input into data_groups[name]["data"] and, when it
+        starts an aggregate (the layer's first forward, and the first after each step), sets a new all-ones
+        mask of the input's (per-feature) shape, as torch.ao.pruning does: squash_mask right after step()
+        applies the stepped mask, squash_mask after a further forward applies none."""
         config = self.data_groups[name]
         features, feature_dim, aggregate_fn = config["features"], config["feature_dim"], config["aggregate_fn"]
 
@@ -183,13 +183,13 @@ class ActivationSparsifier:
             with torch.no_grad():
                 if features is None:
                     self._input_shapes[name] = x.shape
-                    if state.get("mask") is None:
+                    if aggregate is None:
                         state["mask"] = torch.ones_like(x)
                     config["data"] = aggregate_fn(torch.zeros_like(x) if aggregate is None else aggregate, x)
                     return
                 selected = [torch.index_select(x, feature_dim, _feature_index(f, x.device)) for f in features]
                 self._input_shapes[name] = [s.shape for s in selected]
-                if state.get("mask") is None:
+                if aggregate is None:
                     state["mask"] = [torch.ones_like(s) for s in selected]
                 previous = [torch.zeros_like(s) for s in selected] if aggregate is None else aggregate
                 config["data"] = [aggregate_fn(p, s) for p, s in zip(previous, selected)]
@@ -221,12 +221,10 @@ class ActivationSparsifier:
         """Attaches the aggregating pre-hook to `layer` (a submodule of the model, named by its fqn).
 
         Arguments left None take the constructor's defaults; **sparse_config updates the default
-        sparse_config. A layer already registered raises ValueError (unregister it first).
+        sparse_config. A layer already registered is re-registered with the new config after a warning,
+        its old config and mask dropped, as torch.ao.pruning does (after the new config is checked).
         """
         name = self._layer_name(layer, "register_layer")
-        if name in self.data_groups:
-            raise ValueError(f"register_layer: layer {name!r} is already registered; call "
-                             f"unregister_layer({name!r}) first to register it with a new config")
         config = copy.deepcopy(dict(self.defaults))
         given = {"aggregate_fn": aggregate_fn, "reduce_fn": reduce_fn, "mask_fn": mask_fn,
                  "features": features, "feature_dim": feature_dim, "layer": layer}
@@ -236,6 +234,10 @@ class ActivationSparsifier:
             config["mask_fn"] = block_norm_mask_fn
         self._safe_rail_checks(config)
 
+        if name in self.data_groups:
+            warnings.warn(f"register_layer: layer {name!r} is already registered; its config and mask are "
+                          f"replaced by the new registration", stacklevel=2)
+            self.unregister_layer(name)
         self.data_groups[name] = config
         self.state[name]["mask"] = None  # known once the layer has seen an input
         config["hook"] = layer.register_forward_pre_hook(self._aggregate_hook(name))

@@ -59,6 +59,8 @@ def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shap
                            zeros_per_block: int | None = None, norm=2, packed: bool = False) -> torch.Tensor:
     """block_norm_mask, and data zeroed in place where the mask is False, in the same pass.
 
+    Zeroing writes x * 0, the bytes of torch.ao.pruning's mask * data: -0.0 for a negative x, NaN for inf/NaN
+    (reference.times_zero; bfloat16 NaN bytes may differ from torch's, which vary within one multiply).
     Returns the mask (bool, or packed bits with packed=True).
     """
     return _block_mask("block_norm_mask_apply_", data, sparsity_level, block_shape, zeros_per_block, norm, packed)
@@ -213,7 +215,10 @@ def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 
 def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero data in place where mask is False. mask: bool of data's shape, or packed uint8 bits."""
+    """Zero data in place where mask is False. mask: bool of data's shape, or packed uint8 bits.
+
+    Writes x * 0 where mask is False, the bytes of `data * mask`: -0.0 for a negative x, NaN for inf/NaN
+    (reference.times_zero; bfloat16 NaN bytes may differ from torch's, which vary within one multiply)."""
     op = "apply_mask_"
     check_tensor("data", data, op)
     if data.dtype not in FLOAT_DTYPES:

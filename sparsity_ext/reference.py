@@ -1,6 +1,6 @@
 """Pure-torch reference implementations: the oracle every backend is tested against, and the fallback.
 
-They define the mask contract of DESIGN.md ("Mask semantics") in plain torch, favouring clarity
+They define the mask contract of docs/design.md ("Mask semantics") in plain torch, favouring clarity
 over speed (full sorts are fine here). Inputs are already validated by sparsity_ext.ops: `data` is a
 2-D floating tensor, arguments are in range.
 """
@@ -153,7 +153,7 @@ def block_norm_mask_update_(data: torch.Tensor, mask: torch.Tensor, sparsity_lev
 def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shape: tuple[int, int],
                            zeros_per_block: int, norm: int, packed: bool = False) -> torch.Tensor:
     mask = block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm)
-    data.masked_fill_(~mask, 0)
+    zero_dropped_(data, mask)
     return pack_mask(mask) if packed else mask
 
 
@@ -163,15 +163,40 @@ def nm_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def select_threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # index_select and where, not indexing by a tensor and a Python branch on a value: torch.compile traces it
     kth = values.index_select(0, ascending_order(values)[k - 1:k])[0] + 0.0  # + 0.0 turns -0.0 into +0.0
+    # a tensor where, not a Python branch on the value: torch.compile traces it whole
     less = torch.where(kth.isnan(), (~values.isnan()).sum(), (values < kth).sum())
     return kth, (k - less).to(torch.int64)
 
 
+def times_zero(data: torch.Tensor) -> torch.Tensor:
+    """x * 0 for every element, as torch's `data * mask` computes it where the mask is 0: a zero with x's sign
+    where x is finite (a zeroed negative weight is -0.0, as torch.ao.pruning leaves it), NaN where x is inf
+    or NaN. float16/bfloat16 are multiplied in fp32 (as torch does) and narrowed by truncation: the sign,
+    and for a NaN its quiet bit and top payload bits. torch's own narrowing of a NaN differs between its
+    kernels (its CPU bfloat16 multiply writes 0xFFFF in its vector body and 0x7FC0 in its tail); truncation
+    is what its CUDA kernels and the CPU's fp16 conversion instruction give."""
+    if data.dtype not in _LOW_PRECISION:
+        return data * 0
+    product = (data.float() * 0).view(torch.int32)
+    if data.dtype == torch.bfloat16:
+        return (product >> 16).to(torch.int16).view(torch.bfloat16)
+    sign = (product >> 16) & 0x8000
+    nan = (product & 0x7FFFFFFF) > 0x7F800000
+    narrowed = sign | torch.where(nan, 0x7C00 | ((product >> 13) & 0x3FF), 0)
+    return narrowed.to(torch.int16).view(torch.float16)
+
+
+def zero_dropped_(data: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """data = x * 0 (see times_zero) where keep (bool, data's shape) is False; kept elements keep their bytes.
+    This is `data * mask` of torch.ao.pruning byte for byte, but for a kept signalling NaN (which x * 1
+    quiets) and the NaN bytes times_zero describes."""
+    return data.copy_(torch.where(keep, data, times_zero(data)))
+
+
 def apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     keep = unpack_mask(mask, data.shape) if mask.dtype == torch.uint8 else mask
-    return data.masked_fill_(~keep, 0)
+    return zero_dropped_(data, keep)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparsity_ext import reference
-from test_ops_parity import _bits, _data, _layout
+from test_ops_parity import _bits, _data, _layout, assert_bytes_of_product, signed_special_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,3 +123,27 @@ def test_emulated_mask_format_ops(emulated, shape):
         emulated.apply_mask_(with_bool, mask)
         emulated.apply_mask_(with_bits, packed)
         assert torch.equal(with_bool, expected) and torch.equal(with_bits, expected), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_emulated_zeroing_writes_the_bytes_of_data_times_mask(emulated, dtype):
+    """apply_mask_'s group kernel (aligned, 8 elements per thread) and element kernel (misaligned), and
+    block_norm_mask_apply_'s in-kernel and second-pass zeroing, write x * 0: -0.0 for negatives, NaN for inf."""
+    numel = 8 * 300 + 5
+    source = signed_special_data((numel + 1,), dtype, "cpu", seed=3)
+    keep = torch.rand(numel, generator=torch.Generator().manual_seed(4)) < 0.5
+    for offset in (0, 1):  # data_ptr aligned to 16 bytes, then one element past it
+        data = source[offset:offset + numel]
+        for mask in (keep, emulated.pack_mask(keep)):
+            got = source.clone()[offset:offset + numel]
+            emulated.apply_mask_(got, mask)
+            assert_bytes_of_product(got, data, keep, (offset, mask.dtype))
+    if dtype == torch.float64:
+        return
+    matrix = signed_special_data((9, 64), dtype, "cpu", seed=8)
+    for block, zeros, norm in [((1, 4), 4, 0), ((2, 3), 6, 1), ((1, 4), 2, 0), ((1, 6), 3, 0), ((3, 5), 4, 2)]:
+        for packed in (False, True):
+            got = matrix.clone()
+            mask = emulated.block_mask(got, 0.6, list(block), zeros, norm, packed, True, 3)
+            kept = emulated.unpack_mask(mask, matrix.numel()).view(matrix.shape) if packed else mask
+            assert_bytes_of_product(got, matrix, kept, (block, zeros, packed))

@@ -224,6 +224,77 @@ def test_block_norm_mask_apply_matches_reference(backend, device, dtype, layout,
         assert torch.equal(_bits(data.contiguous()), _bits(expected_data)), config
 
 
+_INT_VIEWS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
+
+
+def assert_bytes_of_product(got: torch.Tensor, data: torch.Tensor, keep: torch.Tensor, config=None) -> None:
+    """got (data zeroed in place) holds the bytes of torch's data * keep: -0.0 where a negative was dropped, NaN
+    where an inf or NaN was. bfloat16 NaNs compare as NaN only: torch's own bf16 multiply writes 0xFFFF in its
+    CPU vector body and 0x7FC0 in its tail (reference.times_zero)."""
+    product = data * keep
+    assert product.dtype == got.dtype
+    got_bits, product_bits = got.contiguous().view(_INT_VIEWS[got.dtype]), product.view(_INT_VIEWS[got.dtype])
+    if got.dtype == torch.bfloat16:
+        assert torch.equal(got.isnan(), product.isnan()), config
+        both = ~product.isnan()
+        assert torch.equal(got_bits[both], product_bits[both]), config
+    else:
+        assert torch.equal(got_bits, product_bits), config
+    if got.dtype != torch.bfloat16:  # the case torch.ao.pruning users see: a zeroed negative weight is -0.0
+        negative_dropped = (data < 0) & ~keep
+        assert bool((got[negative_dropped].view(_INT_VIEWS[got.dtype]) < 0).all()), config
+
+
+def signed_special_data(shape, dtype, device, seed):
+    """Negatives, +-0.0, +-inf and NaN among random values, for the zeroing tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    u = torch.rand(shape, generator=g)
+    x[u < 0.05] = float("nan")
+    x[(u >= 0.05) & (u < 0.10)] = float("inf")
+    x[(u >= 0.10) & (u < 0.15)] = -float("inf")
+    x[(u >= 0.15) & (u < 0.20)] = -0.0
+    return x.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("shape", [(1, 5), (7, 13), (33, 64), (129, 67)], ids=str)
+def test_apply_mask_writes_the_bytes_of_data_times_mask(backend, device, dtype, shape):
+    _require(backend, device)
+    data = signed_special_data(shape, dtype, device, seed=shape[0])
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(5)).to(device) < 0.5
+    for mask in (keep, ops.pack_mask(keep)):
+        got = data.clone()
+        with sparsity_ext.use_backend(backend):
+            ops.apply_mask_(got, mask)
+        assert_bytes_of_product(got, data, keep, (mask.dtype,))
+    # a misaligned, strided view: the kernels' fallback paths
+    wide = torch.zeros(shape[0], shape[1] + 1, dtype=dtype, device=device)
+    wide[:, 1:] = data
+    with sparsity_ext.use_backend(backend):
+        ops.apply_mask_(wide[:, 1:], keep)
+    assert_bytes_of_product(wide[:, 1:], data, keep, "strided")
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice"])
+def test_block_norm_mask_apply_writes_the_bytes_of_data_times_mask(backend, device, dtype, layout):
+    _require(backend, device)
+    data = signed_special_data((33, 64), dtype, device, seed=7)
+    # norm 0 ranks raw values, so negatives (and -inf) are the ones dropped; whole blocks and ranked elements
+    for block, zeros, level, norm in [((1, 4), 4, 0.5, 0), ((2, 2), 4, 0.8, 1), ((1, 4), 2, 1.0, 0),
+                                      ((1, 8), 3, 0.6, 0), ((3, 5), 7, 0.5, 2)]:
+        for packed in (False, True):
+            got = _layout(data.clone(), layout)
+            with sparsity_ext.use_backend(backend):
+                mask = ops.block_norm_mask_apply_(got, level, block, zeros, norm, packed)
+            keep = ops.unpack_mask(mask, data.shape) if packed else mask
+            assert_bytes_of_product(got, data, keep, (block, zeros, level, norm, packed))
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("shape,block", [((1, 10_000), (1, 6)), ((300, 301), (1, 6)), ((257, 1030), (1, 4)),

@@ -15,6 +15,7 @@ import sparsity_ext.triton as triton_backend
 from sparsity_ext import _backend, ops, reference
 
 from conftest import HAS_CUDA, cuda_only, tie_free
+from test_ops_parity import assert_bytes_of_product, signed_special_data
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -322,6 +323,22 @@ def test_apply_mask_(layout, packed, dtype):
     reference.apply_mask_(view_of(want_base), mask)
     assert returned is got_view
     assert torch.equal(got_base, want_base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zeroing_writes_the_bytes_of_data_times_mask(dtype):
+    """apply_mask_ and block_norm_mask_apply_ (whole blocks, in the mask kernel; ranked, in a second pass)
+    write x * 0: -0.0 for a dropped negative, NaN for a dropped inf or NaN, as torch.ao.pruning's mask * data."""
+    data = signed_special_data((17, 40), dtype, DEVICE, seed=16)
+    keep = (torch.rand(data.shape, generator=torch.Generator().manual_seed(17)) > 0.5).to(DEVICE)
+    for mask in (keep, reference.pack_mask(keep)):
+        got = data.clone()
+        on_triton(ops.apply_mask_, got, mask)
+        assert_bytes_of_product(got, data, keep, mask.dtype)
+    for block, zeros in [((1, 4), 4), ((2, 2), 4), ((1, 4), 2)]:
+        got = data.clone()
+        mask = on_triton(ops.block_norm_mask_apply_, got, 0.6, block, zeros, 0, packed=True)
+        assert_bytes_of_product(got, data, reference.unpack_mask(mask, data.shape), (block, zeros))
 
 
 # ----------------------------------------------------------------------------- registry, torch.library

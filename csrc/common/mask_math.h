@@ -74,6 +74,39 @@ SPX_HD float to_float(half_storage x) {
 #endif
 }
 
+// ------------------------------------------------------------------------------ zeroing
+// What the zeroing ops write over a dropped element x: x * 0, as torch's `data * mask` computes it where the
+// mask is 0 (torch.ao.pruning zeroes that way): a zero with x's sign where x is finite, so that a zeroed
+// negative weight is -0.0; NaN where x is inf or NaN. fp16/bf16 are multiplied in fp32, as torch does,
+// and narrowed by truncation (the sign; for a NaN also its quiet bit and top payload bits), which is what
+// the GPU's conversions and the CPU's fp16 conversion instruction give. A real multiply, not bit tricks,
+// so that the NaN of inf * 0 is the device's own (0xFFC00000 on x86, 0x7FFFFFFF on a GPU).
+SPX_HD float times_zero(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, 0.0f);
+#else
+  return x * 0.0f;
+#endif
+}
+
+SPX_HD double times_zero(double x) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(x, 0.0);
+#else
+  return x * 0.0;
+#endif
+}
+
+SPX_HD bf16_storage times_zero(bf16_storage x) {
+  return bf16_storage{static_cast<uint16_t>(float_to_bits(times_zero(to_float(x))) >> 16)};
+}
+
+SPX_HD half_storage times_zero(half_storage x) {
+  const uint32_t product = float_to_bits(times_zero(to_float(x)));
+  const uint32_t nan = 0u - static_cast<uint32_t>((product & 0x7fffffffu) > 0x7f800000u);
+  return half_storage{static_cast<uint16_t>(((product >> 16) & 0x8000u) | (nan & (0x7c00u | ((product >> 13) & 0x3ffu))))};
+}
+
 SPX_HD float fp32_add(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(a, b);  // never contracted into an FMA, whatever the flags

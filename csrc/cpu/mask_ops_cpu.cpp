@@ -7,6 +7,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/mask_math.h"
 #include "common/op_args.h"
 
 namespace sparsity_ext {
@@ -67,35 +68,38 @@ struct LaneMasks {
   }
 };
 
-// Zeroes data[i] where element i's keep bit is 0, 8 elements at a time, branch-free: the elements' bits are
-// ANDed with the lane masks of their keep byte (a loop the compiler vectorizes). Masks look random to a
-// branch predictor, and a store to part of a cache line reads the line anyway, so branching on all-dropped
-// or all-kept groups saves no memory traffic.
-template <typename scalar_t, class GroupBits>
-void zero_dropped_groups(scalar_t* data, int64_t numel, const GroupBits& group_bits, const bool* keep,
-                         const uint8_t* bits) {
-  using Word = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
-                                  std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
-  static_assert(sizeof(Word) == sizeof(scalar_t), "apply_mask_: unsupported element size");
+// data[i] = data[i] * 0 (times_zero: -0.0 for a negative x, NaN for inf and NaN, byte for byte what torch's
+// data * mask writes) where element i's keep bit is 0, 8 elements at a time, branch-free: each element's bits
+// are blended with those of its product with 0 through the lane masks of its keep byte (a loop the compiler
+// vectorizes). Masks look random to a branch predictor, and a store to part of a cache line reads the line
+// anyway, so branching on all-dropped or all-kept groups saves no memory traffic.
+template <typename S, class GroupBits>
+void zero_dropped_groups(S* data, int64_t numel, const GroupBits& group_bits, const bool* keep, const uint8_t* bits) {
+  using Word = std::conditional_t<sizeof(S) == 8, uint64_t, std::conditional_t<sizeof(S) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Word) == sizeof(S), "apply_mask_: unsupported element size");
   static const LaneMasks<Word> masks;
   const int64_t full_groups = numel / 8;
   at::parallel_for(0, full_groups, kGrain / 8, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const Word* lanes = masks.lanes[group_bits(g)];
-      Word words[8];
-      std::memcpy(words, data + 8 * g, sizeof(words));
-      for (int i = 0; i < 8; ++i) words[i] &= lanes[i];
+      S values[8], zeroed[8];
+      std::memcpy(values, data + 8 * g, sizeof(values));
+      for (int i = 0; i < 8; ++i) zeroed[i] = times_zero(values[i]);
+      Word words[8], zero_words[8];
+      std::memcpy(words, values, sizeof(words));
+      std::memcpy(zero_words, zeroed, sizeof(zero_words));
+      for (int i = 0; i < 8; ++i) words[i] = (words[i] & lanes[i]) | (zero_words[i] & ~lanes[i]);
       std::memcpy(data + 8 * g, words, sizeof(words));
     }
   });
   for (int64_t i = 8 * full_groups; i < numel; ++i) {  // the last partial group
     const bool kept = keep ? keep[i] : (bits[i >> 3] >> (i & 7)) & 1;
-    data[i] = kept ? data[i] : scalar_t(0);
+    data[i] = kept ? data[i] : times_zero(data[i]);
   }
 }
 
-template <typename scalar_t>
-void apply_mask_kernel(scalar_t* data, const at::Tensor& mask, int64_t numel) {
+template <typename S>
+void apply_mask_kernel(S* data, const at::Tensor& mask, int64_t numel) {
   if (mask.scalar_type() == at::kBool) {
     const bool* keep = mask.data_ptr<bool>();
     zero_dropped_groups(data, numel, [keep](int64_t g) { return keep_bits(keep, g); }, keep, nullptr);
@@ -111,7 +115,8 @@ void apply_mask__cpu(at::Tensor& data, const at::Tensor& mask) {
   at::Tensor work = data.contiguous();
   const at::Tensor mask_c = mask.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data.scalar_type(), "apply_mask_cpu", [&] {
-    apply_mask_kernel<scalar_t>(work.data_ptr<scalar_t>(), mask_c, work.numel());
+    using S = typename Storage<scalar_t>::type;
+    apply_mask_kernel<S>(reinterpret_cast<S*>(work.data_ptr<scalar_t>()), mask_c, work.numel());
   });
   if (!work.is_same(data)) data.copy_(work);
 }

@@ -1,7 +1,8 @@
 // CPU mask pass of the block-norm masks: once the selection is settled (every block, or the order keys
 // and the threshold), one pass over the flat element range writes the mask (bool, or packed bits with
 // each task owning whole bytes) and, for the _apply_ variant, zeroes the data in place. One-row blocks
-// ranked in the mask pass are zeroed in a second pass (see write_planned_mask).
+// ranked in the mask pass are zeroed in a second pass (see write_planned_mask). Zeroing writes x * 0
+// (times_zero in common/mask_math.h), byte for byte what torch's data * mask writes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -164,9 +165,10 @@ void for_each_row_segment(int64_t begin, int64_t end, int64_t cols, const Visit&
   }
 }
 
+// elements[i] = elements[i] * 0 (times_zero: -0.0 for a negative x, as torch's data * mask) where keep[i] is false.
 template <typename T>
 void zero_where_dropped(T* elements, const bool* keep, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) elements[i] = keep[i] ? elements[i] : T{};
+  for (int64_t i = 0; i < count; ++i) elements[i] = keep[i] ? elements[i] : times_zero(elements[i]);
 }
 
 // Writes keep flags for the flat range [begin, end) to keep[0, end - begin), zeroing data where a
@@ -275,7 +277,7 @@ void write_mask(const Plan<T>& plan, at::Tensor& mask, bool packed, bool apply) 
   write_mask<kMode, 0>(plan, mask, packed, apply);
 }
 
-// data = 0 where the finished mask (bool, or packed bits) is 0.
+// data = data * 0 (times_zero) where the finished mask (bool, or packed bits) is 0.
 template <typename T>
 void zero_dropped(const Plan<T>& plan, const at::Tensor& mask, bool packed) {
   const int64_t numel = plan.grid.rows * plan.grid.cols;
@@ -286,7 +288,7 @@ void zero_dropped(const Plan<T>& plan, const at::Tensor& mask, bool packed) {
       T* row_ptr = plan.data + row * plan.ld;
       for (int64_t c = c0, e = begin + offset; c < c1; ++c, ++e) {
         const bool keep = packed ? (bits[e >> 3] >> (e & 7)) & 1 : flags[e];
-        if (!keep) row_ptr[c] = T{};
+        if (!keep) row_ptr[c] = times_zero(row_ptr[c]);
       }
     });
   });

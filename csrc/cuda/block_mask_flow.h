@@ -131,9 +131,8 @@ void block_mask(T* data, int64_t ld, const BlockGrid& grid, double sparsity_leve
       }
       if (apply && !args.apply) {
         const int64_t numel = grid.rows * grid.cols;
-        launch(apply_mask_kernel<T>, grid_for(numel), stream, data, numel, grid.cols, ld,
-               packed ? nullptr : static_cast<const bool*>(mask.data_ptr()),
-               packed ? static_cast<const uint8_t*>(mask.data_ptr()) : nullptr);
+        launch_apply_mask(data, numel, grid.cols, ld, packed ? nullptr : static_cast<const bool*>(mask.data_ptr()),
+                          packed ? static_cast<const uint8_t*>(mask.data_ptr()) : nullptr, stream);
       }
       return;
   }

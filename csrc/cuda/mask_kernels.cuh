@@ -11,6 +11,7 @@
 //   tie_find_kernel     then the index of the last selected one (one CTA)
 //   mask_kernel         one thread per 32 flat elements: keep bits -> bool bytes or packed bits
 //                       (each thread owns whole bytes), data zeroed in place for the _apply_ variant
+//                       (x * 0: times_zero in common/mask_math.h, byte for byte torch's data * mask)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -304,7 +305,7 @@ __device__ __forceinline__ uint32_t row_chunk_keep_bits(T* row_chunk, int64_t fi
     if (args.apply && half_keep != (1u << kHalf) - 1u) {
 #pragma unroll
       for (int i = 0; i < kHalf; ++i) {
-        if (!((half_keep >> i) & 1u)) v[i] = T{};
+        if (!((half_keep >> i) & 1u)) v[i] = times_zero(v[i]);
       }
       store_vector(row_chunk + h, v);
     }
@@ -346,7 +347,7 @@ __device__ __forceinline__ uint32_t range_keep_bits(T* data, int64_t e0, int64_t
       }
       if (args.apply) {
         for (int64_t c = c0; c < c1; ++c) {
-          if (!((run_keep >> (c - c0)) & 1u)) row_ptr[c] = T{};
+          if (!((run_keep >> (c - c0)) & 1u)) row_ptr[c] = times_zero(row_ptr[c]);
         }
       }
     }

@@ -61,9 +61,9 @@ void apply_mask__cuda(at::Tensor& data, const at::Tensor& mask) {
   const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data.scalar_type(), "apply_mask_cuda", [&] {
     using T = typename Storage<scalar_t>::type;
-    cuda::launch(cuda::apply_mask_kernel<T>, cuda::grid_for(work.numel()), stream,
-                 reinterpret_cast<T*>(work.data_ptr<scalar_t>()), work.numel(), work.numel(), work.numel(),
-                 packed ? nullptr : mask_c.data_ptr<bool>(), packed ? mask_c.data_ptr<uint8_t>() : nullptr);
+    cuda::launch_apply_mask(reinterpret_cast<T*>(work.data_ptr<scalar_t>()), work.numel(), work.numel(), work.numel(),
+                            packed ? nullptr : mask_c.data_ptr<bool>(), packed ? mask_c.data_ptr<uint8_t>() : nullptr,
+                            stream);
   });
   if (!work.is_same(data)) data.copy_(work);
 }

@@ -47,6 +47,13 @@ def _element_norm(x, NORM: tl.constexpr):
 
 
 @triton.jit
+def _times_zero(x):
+    """x * 0, what torch's data * mask writes where the mask is 0 (see sparsity_ext.reference.times_zero):
+    a zero with x's sign for finite x, NaN for inf and NaN; fp16/bf16 multiplied in fp32 and converted back."""
+    return (x.to(tl.float32) * 0.0).to(x.dtype)
+
+
+@triton.jit
 def _score_key(score):
     """uint32 key whose unsigned order is the float order of the fp32 score, NaN largest.
 
@@ -322,8 +329,8 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, final_ptr, last_ptr,
         keep[r, c]  = not (selected(b) and (not RANKED or rank(r, c) < zeros_per_block))
     RANKED is false when zeros_per_block >= BH*BW: the whole valid part of a selected block goes.
     Output: bool bytes out[r * W + c], or with PACKED (needs W % 8 == 0) bit c % 8 of byte
-    (r * W + c) / 8. APPLY also writes x[r, c] = 0 where keep is false (never with RANKED: other
-    programs may still be reading the block's values to rank them).
+    (r * W + c) / 8. APPLY also writes x[r, c] = x[r, c] * 0 (_times_zero) where keep is false (never with
+    RANKED: other programs may still be reading the block's values to rank them).
     The tile is TILE_R rows x TILE_BYTES * 8 columns, held as [TILE_R, TILE_BYTES, 8].
     """
     tile_rows, byte_cols = _tile_2d(tl.program_id(0), (W - 1) // 8 + 1, TILE_R, TILE_BYTES)
@@ -356,9 +363,8 @@ def _block_norm_mask_kernel(x_ptr, out_ptr, keys_ptr, final_ptr, last_ptr,
                 rank += (valid & (smaller | (equal & (r * BW + c < own)))).to(tl.int32)
         zeroed = zeroed & (rank < zeros_per_block)
     if APPLY:
-        x_ty = x_ptr.dtype.element_ty
-        tl.store(x_ptr + rows * stride_h + cols * stride_w, tl.full([TILE_R, TILE_BYTES, 8], 0, dtype=x_ty),
-                 mask=zeroed)
+        x_at = x_ptr + rows * stride_h + cols * stride_w
+        tl.store(x_at, _times_zero(tl.load(x_at, mask=zeroed)), mask=zeroed)
     keep = (in_range & ~zeroed).to(tl.int32)
     if PACKED:
         byte = tl.reduce(keep << bits, 2, _sum_combine).to(tl.uint8)
@@ -415,7 +421,7 @@ def _nm4_mask_kernel(x_ptr, out_ptr, H, W, stride_h, stride_w, zeros_per_block, 
 @triton.jit
 def _apply_mask_kernel(x_ptr, mask_ptr, H, W, stride_h, stride_w,
                        PACKED: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
-    """x[r, c] = 0 where keep(r * W + c) is false, in place; x is H x W with any strides.
+    """x[r, c] = x[r, c] * 0 (_times_zero) where keep(r * W + c) is false, in place; x is H x W with any strides.
 
     keep(f) = mask[f] (bool bytes) or, with PACKED, bit f % 8 of mask[f / 8].
     """
@@ -426,9 +432,9 @@ def _apply_mask_kernel(x_ptr, mask_ptr, H, W, stride_h, stride_w,
         keep = (tl.load(mask_ptr + flat // 8, mask=in_range, other=0).to(tl.int32) >> (flat % 8).to(tl.int32)) & 1
     else:
         keep = tl.load(mask_ptr + flat, mask=in_range, other=0).to(tl.int32)
-    x_ty = x_ptr.dtype.element_ty
-    tl.store(x_ptr + rows * stride_h + cols * stride_w, tl.full([TILE_R, TILE_C], 0, dtype=x_ty),
-             mask=in_range & (keep == 0))
+    dropped = in_range & (keep == 0)
+    x_at = x_ptr + rows * stride_h + cols * stride_w
+    tl.store(x_at, _times_zero(tl.load(x_at, mask=dropped)), mask=dropped)
 
 
 @triton.jit

@@ -62,9 +62,9 @@ void apply_mask_(at::Tensor data, at::Tensor mask) {
   const bool packed = mask.scalar_type() == at::kByte;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data.scalar_type(), "emulated", [&] {
     using T = typename Storage<scalar_t>::type;
-    cuda::launch(cuda::apply_mask_kernel<T>, cuda::grid_for(data.numel()), nullptr,
-                 reinterpret_cast<T*>(data.data_ptr<scalar_t>()), data.numel(), data.numel(), data.numel(),
-                 packed ? nullptr : mask.data_ptr<bool>(), packed ? mask.data_ptr<uint8_t>() : nullptr);
+    cuda::launch_apply_mask(reinterpret_cast<T*>(data.data_ptr<scalar_t>()), data.numel(), data.numel(), data.numel(),
+                            packed ? nullptr : mask.data_ptr<bool>(), packed ? mask.data_ptr<uint8_t>() : nullptr,
+                            nullptr);
   });
 }
 

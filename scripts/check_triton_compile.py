@@ -14,6 +14,12 @@ compile-time constant; pointers get 16-byte alignment hints). This check closes 
 Prints registers, stack and shared memory per compiled variant (cuobjdump from triton's bundled CUDA
 tools) and exits 1 when a variant does not compile.
     python scripts/check_triton_compile.py [--arch 90] [--jobs 2]
+
+Another triton than the installed one (e.g. a GPU machine's older one) compiles the same launches: step 1
+always runs here, with this interpreter's triton (the ops' launch arguments do not depend on its version);
+step 2 runs in the interpreter given by --python (or SPARSITY_EXT_TRITON_COMPILE_PYTHON), or in a venv that
+--triton VERSION makes once under the temporary folder (triton==VERSION and this torch, from the package index).
+    python scripts/check_triton_compile.py --triton 3.6.0
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import venv
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
@@ -207,11 +214,67 @@ def _compile_jobs(launches):
     return list(jobs.values())
 
 
+def compile_jobs(jobs, arch: int, workers: int):
+    """Step 2 in this interpreter: [(label, error or None, resource usage)] of every job, in order."""
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_one, [(job, arch) for job in jobs]))
+
+
+def _venv_with_triton(version: str) -> str:
+    """The python of a venv holding triton==version, this interpreter's torch and numpy (which triton's
+    interpreter module, imported by sparsity_ext.triton.kernels, needs); made on first use."""
+    import torch
+    home = os.path.join(tempfile.gettempdir(), f"sparsity-ext-triton-{version}")
+    python = os.path.join(home, "bin", "python")
+    probe = [python, "-c", "import numpy, triton, torch; print(triton.__version__, torch.__version__)"]
+    if os.path.exists(python) and subprocess.run(probe, capture_output=True, text=True).stdout.split() == [
+            version, torch.__version__]:
+        return python
+    print(f"making {home}: triton=={version}, torch=={torch.__version__}", flush=True)
+    venv.create(home, with_pip=True, clear=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", f"triton=={version}", f"torch=={torch.__version__}",
+                    "numpy"], check=True)
+    return python
+
+
+def _compile_elsewhere(python: str, jobs, arch: int, workers: int):
+    """Step 2 in another interpreter: (its triton version, results as compile_jobs gives them)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(jobs, f)
+        f.flush()
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        child = subprocess.run([python, __file__, "--compile", f.name, "--arch", str(arch), "--jobs", str(workers)],
+                               env=env, capture_output=True, text=True)
+    lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith(("{", "["))]
+    if child.returncode != 0 or not lines:
+        raise RuntimeError(f"compiling in {python} failed (exit {child.returncode}):\n{child.stderr[-3000:]}")
+    return lines[0]["triton"], [tuple(result) for result in lines[1:]]
+
+
+def _compile_child(jobs_file: str, arch: int, workers: int) -> None:
+    """Step 2 for _compile_elsewhere: this triton's version, then one JSON line per result."""
+    import triton
+    with open(jobs_file) as f:
+        jobs = json.load(f)
+    sys.path.insert(0, ROOT)
+    print(json.dumps({"triton": triton.__version__}))
+    for result in compile_jobs(jobs, arch, workers):
+        print(json.dumps(result))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    compiler = parser.add_mutually_exclusive_group()
+    compiler.add_argument("--python", default=os.environ.get("SPARSITY_EXT_TRITON_COMPILE_PYTHON"),
+                          help="interpreter whose triton compiles (default: this one)")
+    compiler.add_argument("--triton", metavar="VERSION", help="compile with this triton version (a venv of its own)")
+    parser.add_argument("--compile", metavar="JOBS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compile:
+        _compile_child(args.compile, args.arch, args.jobs)
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: this check compiles the kernels", file=sys.stderr)
         return 2
@@ -227,14 +290,19 @@ def main() -> int:
     jobs = _compile_jobs(launches)
     print(f"{len(launches)} distinct launches recorded, {len(jobs)} variants to compile for sm_{args.arch} "
           f"({time.time() - t0:.0f} s)")
+    python = _venv_with_triton(args.triton) if args.triton else args.python
+    if python:
+        version, results = _compile_elsewhere(python, jobs, args.arch, args.jobs)
+    else:
+        import triton
+        version, results = triton.__version__, compile_jobs(jobs, args.arch, args.jobs)
     failures, usage = 0, {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, error, resources in pool.map(compile_one, [(job, args.arch) for job in jobs]):
-            if error:
-                failures += 1
-                print(f"FAILED {label}\n  {error}")
-            else:
-                usage.setdefault(label.split("(")[0], []).append((resources, label))
+    for label, error, resources in results:
+        if error:
+            failures += 1
+            print(f"FAILED {label}\n  {error}")
+        else:
+            usage.setdefault(label.split("(")[0], []).append((resources, label))
     print("| kernel | variants | registers | most stack bytes | most shared bytes | variant with most registers |")
     print("|---|---:|---:|---:|---:|---|")
     for kernel, variants in sorted(usage.items()):
@@ -243,7 +311,8 @@ def main() -> int:
         heaviest = variants[regs.index(max(regs))][1]
         print(f"| {kernel} | {len(variants)} | {min(regs)}-{max(regs)} | {max(int(f.get('STACK', 0)) for f in fields)} "
               f"| {max(int(f.get('SHARED', 0)) for f in fields)} | {heaviest.split('(', 1)[1][:-1]} |")
-    print(f"{len(jobs) - failures} of {len(jobs)} variants compiled for sm_{args.arch} in {time.time() - t0:.0f} s")
+    print(f"{len(jobs) - failures} of {len(jobs)} variants compiled for sm_{args.arch} with triton {version} "
+          f"in {time.time() - t0:.0f} s")
     return 1 if failures else 0
 
 

@@ -169,7 +169,7 @@ def _cell(row: dict | None, key: str) -> str:
 def compact_table(ops: list[dict], steps: list[dict], bandwidth: float, device: str) -> str:
     """One line per headline case: each compiled backend's ms and x floor, triton / fastest other backend, goal;
     then the baselines and the sparsifier steps."""
-    lines = [f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write, 1 GiB fp32 copy on {device})", "",
+    lines = [f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write, a large fp32 copy on {device})", "",
              f"{'case':24s} {'elements':>13s} {'backend':>8s} {'ms':>9s} {'x floor':>7s} {'goal':>5s}  "
              f"{'triton/cuda':>11s}"]
     for key, _, goal in OP_ROWS:

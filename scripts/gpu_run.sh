@@ -100,14 +100,17 @@ env_report() {
 
 # The C++ compiler, chosen before the one build. The extension's C++ is compiled against its compiler's
 # libstdc++ headers but runs with the libstdc++ that the Python process has already loaded for torch (the
-# system one: no RPATH points elsewhere). Code inlined from a newer GCC's headers assumes that GCC's own
-# library; on the H100 (2026-11-23) the image's CXX=/opt/gcc/bin/g++ built an extension whose TORCH_CHECKs
-# crashed the process exactly when the message formatted a number (c10::str -> ostream << int -> the locale's
-# num_put facet), while string-only messages raised: the sign of two disagreeing libstdc++s. So pick the
-# first compiler whose own libstdc++ is the very file the process loads (normally the system g++, the same
-# GCC family torch's wheel was built with); failing that, one whose libstdc++ is newer, and preload that
-# library into every later step (libstdc++ is backward compatible, so torch runs on it). Writes
-# $work/compiler.env (CC, CXX, and LD_PRELOAD when needed); build.log gets the evidence.
+# system one: nothing points the extension elsewhere). On the H100 (2026-11-23) the image's CXX=/opt/gcc/bin/g++
+# built an extension whose TORCH_CHECKs crashed the process exactly when the message formatted a number
+# (c10::str -> ostream << int -> the num_put facet of the stream's locale), while messages of strings only
+# raised; locally (system g++, the libstdc++ torch loads) every one raises. Number formatting is the part of
+# iostreams that goes through locale facets, which break when code built for one libstdc++ (newer headers, or
+# a second, static copy) meets another at run time: the cause as far as those logs show (build.log records the
+# libstdc++ of each compiler, the one loaded, and any copy inside _C, to confirm it). Choosing the first compiler
+# whose own libstdc++ is the very file the process loads (normally the system g++, of the GCC family torch's
+# wheel is built with) makes the mismatch impossible; failing that, one whose libstdc++ is newer, with that
+# library preloaded into every later step (libstdc++ is backward compatible: torch runs on it). GPU_RUN_CXX names
+# a compiler to try first. Writes $work/compiler.env (CC, CXX, and LD_PRELOAD when needed).
 choose_compiler() {
   local loaded cxx path own chosen="" preload=""
   loaded=$("$PY" -c "import torch; print(next(l.split()[-1] for l in open('/proc/self/maps') if '/libstdc++' in l))")
@@ -141,6 +144,7 @@ choose_compiler() {
 
 build() {
   . "$work/compiler.env"
+  cat "$work/logs/compiler.log"
   # No pipe on the build's output: a reader that stops early (| head) would SIGPIPE the build.
   MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" setup.py build_ext --inplace || return 1
   local so
@@ -207,6 +211,8 @@ EOF
 }
 
 pytest_args=(-q -rfE --tb=short -p no:cacheprovider)
+# a hung test (a kernel that never returns) is ended alone, so the step still reports every other test
+"$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=150 --timeout-method=thread)
 workers=()
 if "$PY" -c "import xdist" 2>/dev/null; then
   # a crashing test takes down one worker, which is replaced and the test reported, not the whole run

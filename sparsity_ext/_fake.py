@@ -22,7 +22,8 @@ def register_with_torch() -> None:
         torch.library.register_fake(f"sparsity_ext::{op}")(fn)
 
 
-def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
+def mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
+    """An uninitialised mask of data: bool of its shape, or packed bits (ceil(numel / 8) bytes)."""
     if packed:
         return data.new_empty(((data.numel() + 7) // 8,), dtype=torch.uint8)
     return data.new_empty(data.shape, dtype=torch.bool)
@@ -30,12 +31,12 @@ def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
 
 @_fake("block_norm_mask")
 def _block_norm_mask_fake(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
-    return _mask_like(data, packed)
+    return mask_like(data, packed)
 
 
 @_fake("block_norm_mask_apply_")
 def _block_norm_mask_apply_fake(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
-    return _mask_like(data, packed)
+    return mask_like(data, packed)
 
 
 @_fake("block_scores")
@@ -46,7 +47,7 @@ def _block_scores_fake(data, block_shape, norm):
 
 @_fake("block_norm_mask_select")
 def _block_norm_mask_select_fake(data, scores, threshold, ties, block_shape, zeros_per_block, norm, packed=False):
-    return _mask_like(data, packed)
+    return mask_like(data, packed)
 
 
 @_fake("block_norm_mask_into_")
@@ -61,7 +62,7 @@ def _block_norm_mask_update_fake(data, mask, sparsity_level, block_shape, zeros_
 
 @_fake("nm_mask")
 def _nm_mask_fake(data, n, m):
-    return _mask_like(data, False)
+    return mask_like(data, False)
 
 
 @_fake("select_threshold")
@@ -76,7 +77,7 @@ def _apply_mask_fake(data, mask):
 
 @_fake("pack_mask")
 def _pack_mask_fake(mask):
-    return _mask_like(mask, True)
+    return mask_like(mask, True)
 
 
 @_fake("unpack_mask")

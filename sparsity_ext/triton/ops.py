@@ -21,6 +21,7 @@ import triton
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import reference
+from .._fake import mask_like
 from . import kernels
 
 NAMESPACE = "sparsity_ext_triton"
@@ -64,12 +65,6 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor | None:
         return t.view(-1, t.shape[-1])
     except RuntimeError:
         return None
-
-
-def _mask_like(data: torch.Tensor, packed: bool) -> torch.Tensor:
-    if packed:
-        return data.new_empty(((data.numel() + 7) // 8,), dtype=torch.uint8)
-    return data.new_empty(data.shape, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------- radix select
@@ -203,7 +198,7 @@ def _block_norm_mask(data, sparsity_level, block_shape, zeros_per_block, norm, p
     bh, bw = block_shape
     num_blocks = triton.cdiv(h, bh) * triton.cdiv(w, bw)
     k = reference.num_selected_blocks(sparsity_level, num_blocks)
-    out = _mask_like(data, packed)
+    out = mask_like(data, packed)
     if data.numel() == 0:
         return out
     selection = None
@@ -250,12 +245,12 @@ def block_norm_mask_apply_(data: torch.Tensor, sparsity_level: float, block_shap
 
 @block_norm_mask.register_fake
 def _(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
-    return _mask_like(data, packed)
+    return mask_like(data, packed)
 
 
 @block_norm_mask_apply_.register_fake
 def _(data, sparsity_level, block_shape, zeros_per_block, norm, packed=False):
-    return _mask_like(data, packed)
+    return mask_like(data, packed)
 
 
 @custom_op(f"{NAMESPACE}::select_threshold", mutates_args=())
@@ -327,7 +322,7 @@ def _pack(mask: torch.Tensor, out: torch.Tensor, launch) -> None:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool mask (any shape) -> uint8[ceil(numel / 8)], bit i of byte j = element 8j + i (row-major)."""
     _check_device(mask, "pack_mask")
-    out = _mask_like(mask, packed=True)
+    out = mask_like(mask, packed=True)
     if out.numel() > 0:
         _pack(mask.contiguous(), out, launch=_launchable)
     return out
@@ -347,7 +342,7 @@ def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 @nm_mask.register_fake
 def _(data, n, m):
-    return _mask_like(data, packed=False)
+    return mask_like(data, packed=False)
 
 
 @apply_mask_.register_fake
@@ -357,7 +352,7 @@ def _(data, mask):
 
 @pack_mask.register_fake
 def _(mask):
-    return _mask_like(mask, packed=True)
+    return mask_like(mask, packed=True)
 
 
 @unpack_mask.register_fake

@@ -112,7 +112,7 @@ def _read_safetensors_header(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------ reading
-def named_tensors(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+def _named_tensors(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
     """({dotted name: tensor}, names of the non-tensor leaves) of a state_dict (nested mappings flattened)
     or of a model (its state_dict)."""
     if isinstance(obj, torch.nn.Module):
@@ -123,7 +123,7 @@ def named_tensors(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[
         if isinstance(value, torch.Tensor):
             found, nested_others = {name: value}, []
         elif isinstance(value, (Mapping, torch.nn.Module)):
-            found, nested_others = named_tensors(value, name + ".")
+            found, nested_others = _named_tensors(value, name + ".")
         else:
             found, nested_others = {}, [name]
         clash = tensors.keys() & found.keys()
@@ -157,7 +157,7 @@ class Checkpoint:
         """A torch state_dict (nested mappings allowed) or model already in memory."""
         if not isinstance(obj, (Mapping, torch.nn.Module)):
             raise CheckpointError(f"holds a {type(obj).__name__}, not a state_dict or a model")
-        tensors, others = named_tensors(obj)
+        tensors, others = _named_tensors(obj)
         return cls("torch", list(tensors), obj=obj, tensors=tensors, non_tensors=others)
 
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:

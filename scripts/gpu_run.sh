@@ -152,8 +152,10 @@ build() {
   echo "built with $CXX ($("$CXX" -dumpfullversion)); $so links:"
   ldd "$so" | grep -E "libstdc|libgomp|libc10" || true
   # libstdc++'s stream and locale internals defined inside _C would be a second copy of the library
-  command -v nm > /dev/null && echo "libstdc++ stream/locale symbols defined in _C (0 expected):" \
-    "$(nm -D --defined-only "$so" | grep -c -E '_ZNSt6locale|_ZNSo9_M_insert|num_put')"
+  if command -v nm > /dev/null; then
+    echo "libstdc++ stream/locale symbols defined in _C (0 expected):" \
+      "$(nm -D --defined-only "$so" | grep -c -E '_ZNSt6locale|_ZNSo9_M_insert|num_put')"
+  fi
 }
 
 write_smoke() {

@@ -36,14 +36,16 @@ AUTO_ORDER = {
 OP_NAMES = ("block_norm_mask", "block_norm_mask_apply_", "block_norm_mask_into_", "block_norm_mask_update_",
             "block_scores", "block_norm_mask_select", "nm_mask", "select_threshold", "apply_mask_", "pack_mask",
             "unpack_mask", "sparsify_24_pack")
-# The dtypes the compiled and Triton kernels take: float data in fp32/fp16/bf16 (fp64 data, rare in practice,
-# runs on the reference); the mask-format ops any mask their wrappers validate; sparsify_24_pack torch's
-# semi-structured dtypes.
-_FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes the compiled kernels take: float data in fp32/fp16/bf16 for the ops that score it (fp64 data, rare
+# in practice, is scored by the reference); any dtype its wrapper validates for the mask-format ops and
+# apply_mask_; sparsify_24_pack torch's semi-structured dtypes. The Triton kernels take the same, but for
+# apply_mask_ only fp32/fp16/bf16 (TRITON_DTYPES).
+FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
-    **{op: _FLOAT_KERNEL_DTYPES for op in OP_NAMES},
-    "pack_mask": None, "unpack_mask": None, "sparsify_24_pack": PACK_DTYPES,
+    **{op: FLOAT_KERNEL_DTYPES for op in OP_NAMES},
+    "apply_mask_": None, "pack_mask": None, "unpack_mask": None, "sparsify_24_pack": PACK_DTYPES,
 }
+TRITON_DTYPES = {**KERNEL_DTYPES, "apply_mask_": FLOAT_KERNEL_DTYPES}
 
 
 @dataclasses.dataclass(frozen=True)

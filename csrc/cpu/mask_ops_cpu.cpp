@@ -84,10 +84,24 @@ void zero_dropped_groups(S* data, int64_t numel, const GroupBits& group_bits, co
       const Word* lanes = masks.lanes[group_bits(g)];
       S values[8], zeroed[8];
       std::memcpy(values, data + 8 * g, sizeof(values));
-      for (int i = 0; i < 8; ++i) zeroed[i] = times_zero(values[i]);
       Word words[8], zero_words[8];
       std::memcpy(words, values, sizeof(words));
-      std::memcpy(zero_words, zeroed, sizeof(zero_words));
+      if constexpr (sizeof(S) == 2) {
+        // fp16/bf16: a finite x * 0 is the zero of x's sign (its sign bit alone), computed on the bits for all 8
+        // at once; a group holding an inf or NaN (exponent all ones) takes times_zero's multiply for its NaN.
+        constexpr Word kExponent = std::is_same_v<S, half_storage> ? Word{0x7c00} : Word{0x7f80};
+        bool special = false;
+        for (int i = 0; i < 8; ++i) special |= (words[i] & kExponent) == kExponent;
+        if (!special) {
+          for (int i = 0; i < 8; ++i) zero_words[i] = words[i] & Word{0x8000};
+        } else {
+          for (int i = 0; i < 8; ++i) zeroed[i] = times_zero(values[i]);
+          std::memcpy(zero_words, zeroed, sizeof(zero_words));
+        }
+      } else {
+        for (int i = 0; i < 8; ++i) zeroed[i] = times_zero(values[i]);
+        std::memcpy(zero_words, zeroed, sizeof(zero_words));
+      }
       for (int i = 0; i < 8; ++i) words[i] = (words[i] & lanes[i]) | (zero_words[i] & ~lanes[i]);
       std::memcpy(data + 8 * g, words, sizeof(words));
     }

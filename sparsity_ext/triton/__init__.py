@@ -106,7 +106,7 @@ def register() -> None:
     devices = ("cuda", "cpu") if interpreting() else ("cuda",)
     reason = _unavailable_reason()
     for op in OP_NAMES:
-        _backend.register(op, "triton", _kernel(op), devices=devices, dtypes=_backend.KERNEL_DTYPES[op],
+        _backend.register(op, "triton", _kernel(op), devices=devices, dtypes=_backend.TRITON_DTYPES[op],
                           available=reason is None, unavailable_reason=reason or "")
     _composites.register_for("triton", devices, reason is None, reason or "")
 

@@ -78,9 +78,10 @@ template <typename T>
 void launch_apply_mask(T* data, int64_t numel, int64_t cols, int64_t ld, const bool* mask, const uint8_t* packed,
                        cudaStream_t stream) {
   if (ld == cols && aligned(data, 16) && (mask == nullptr || aligned(mask, 8))) {
-    launch(apply_mask_groups_kernel<T>, grid_for(numel / kApplyGroup + 1), stream, data, numel, mask, packed);
+    launch(apply_mask_groups_kernel<T>, grid_for(apply_mask_groups_kernel<T>, numel / kApplyGroup + 1), stream, data,
+           numel, mask, packed);
   } else {
-    launch(apply_mask_kernel<T>, grid_for(numel), stream, data, numel, cols, ld, mask, packed);
+    launch(apply_mask_kernel<T>, grid_for(apply_mask_kernel<T>, numel), stream, data, numel, cols, ld, mask, packed);
   }
 }
 

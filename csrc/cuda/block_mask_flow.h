@@ -41,8 +41,8 @@ void radix_select(const Keys& keys, int64_t n, int64_t k, SelectWorkspace* ws, b
                   cudaStream_t stream) {
   for (int pass = 0; pass < kRadixPasses; ++pass) {
     if (pass > 0 || !first_pass_done) {
-      launch(radix_hist_kernel<Keys>, grid_for(n), stream, keys, n, pass == 0 ? nullptr : &ws->state, pass,
-             ws->hist[pass]);
+      launch(radix_hist_kernel<Keys>, grid_for(radix_hist_kernel<Keys>, n), stream, keys, n,
+             pass == 0 ? nullptr : &ws->state, pass, ws->hist[pass]);
     }
     launch(radix_step_kernel, 1, stream, ws->hist[pass], &ws->state, pass, k);
   }
@@ -51,20 +51,20 @@ void radix_select(const Keys& keys, int64_t n, int64_t k, SelectWorkspace* ws, b
 template <typename T>
 void launch_block_keys(const T* data, const KeysArgs& args, cudaStream_t stream) {
   const BlockGrid& g = args.grid;
-  const unsigned blocks = grid_for(g.num_blocks());
+  const int64_t n = g.num_blocks();
   if (g.block_rows == 1 && g.block_cols == 4) {
-    launch(block_keys_kernel<T, 4>, blocks, stream, data, args);
+    launch(block_keys_kernel<T, 4>, grid_for(block_keys_kernel<T, 4>, n), stream, data, args);
   } else if (g.block_rows == 1 && g.block_cols == 8) {
-    launch(block_keys_kernel<T, 8>, blocks, stream, data, args);
+    launch(block_keys_kernel<T, 8>, grid_for(block_keys_kernel<T, 8>, n), stream, data, args);
   } else {
-    launch(block_keys_kernel<T, 0>, blocks, stream, data, args);
+    launch(block_keys_kernel<T, 0>, grid_for(block_keys_kernel<T, 0>, n), stream, data, args);
   }
 }
 
 template <typename T, ZeroMode kMode, int kGroup>
 void launch_mask(T* data, const MaskArgs& args, cudaStream_t stream) {
   const int64_t chunks = (args.grid.rows * args.grid.cols + kChunk - 1) / kChunk;
-  launch(mask_kernel<T, kMode, kGroup>, grid_for(chunks), stream, data, args);
+  launch(mask_kernel<T, kMode, kGroup>, grid_for(mask_kernel<T, kMode, kGroup>, chunks), stream, data, args);
 }
 
 // The whole block_norm_mask(_apply_) pipeline for data of storage type T (see the file comment).
@@ -113,8 +113,10 @@ void block_mask(T* data, int64_t ld, const BlockGrid& grid, double sparsity_leve
   MaskArgs args{ld,       grid,     zeros_per_block, norm,  key_data, ws ? &ws->state : nullptr,
                       cut_data, mask.data_ptr(), packed,   apply, false};
   switch (mode) {
-    case ZeroMode::kWholeBlock:
-      return launch_mask<T, ZeroMode::kWholeBlock, 1>(data, args, stream);
+    case ZeroMode::kWholeBlock: {
+      const int64_t spans = (grid.rows * grid.cols + kSpan - 1) / kSpan;  // one warp each
+      return launch(whole_block_mask_kernel<T>, grid_for(whole_block_mask_kernel<T>, spans * 32), stream, data, args);
+    }
     case ZeroMode::kCut:
       return launch_mask<T, ZeroMode::kCut, 1>(data, args, stream);
     case ZeroMode::kRowRank:

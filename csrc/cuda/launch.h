@@ -11,6 +11,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "cuda/vector_io.cuh"
 
@@ -23,11 +26,31 @@ inline int64_t sm_count() {
   return count;
 }
 
-// CTAs for a grid-stride kernel over `threads` threads' worth of work: at most ctas_per_sm per SM
-// (the kernels loop over the rest), which also bounds the per-CTA histogram flushes.
-inline unsigned grid_for(int64_t threads, int64_t ctas_per_sm = 8) {
+// CTAs of `kernel` (kThreads threads, no dynamic shared memory) that the current device runs at once: its
+// SMs times what the occupancy calculator allows per SM for the kernel's registers and shared memory.
+// Cached per (device, kernel): the query is made once.
+inline int64_t resident_ctas(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int64_t> cache;
+  const std::pair<int, const void*> key{c10::cuda::current_device(), kernel};
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t ctas = sm_count() * std::max(per_sm, 1);
+  cache.emplace(key, ctas);
+  return ctas;
+}
+
+// CTAs for `kernel`, a grid-stride kernel over `threads` threads' worth of work: one wave of resident CTAs
+// at most (the kernels loop over the rest; a second, part-empty wave would only add a tail), which also
+// bounds the per-CTA histogram flushes.
+template <class... Params>
+unsigned grid_for(void (*kernel)(Params...), int64_t threads) {
   const int64_t wanted = (threads + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(wanted, sm_count() * ctas_per_sm)));
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(wanted, resident_ctas(reinterpret_cast<const void*>(kernel)))));
 }
 
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }

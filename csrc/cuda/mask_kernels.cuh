@@ -9,9 +9,12 @@
 //   radix_hist_kernel   passes 1 and 2: histogram of the keys that still match the prefix
 //   tie_count_kernel    when only some blocks equal to the threshold are selected: equal keys per tile,
 //   tie_find_kernel     then the index of the last selected one (one CTA)
-//   mask_kernel         one thread per 32 flat elements: keep bits -> bool bytes or packed bits
-//                       (each thread owns whole bytes), data zeroed in place for the _apply_ variant
-//                       (x * 0: times_zero in common/mask_math.h, byte for byte torch's data * mask)
+//   mask_kernel         ranked blocks (kRowRank, kCut): one thread per 32 flat elements: keep bits ->
+//                       bool bytes or packed bits (each thread owns whole bytes), data zeroed in place
+//                       for the _apply_ variant (x * 0: times_zero in common/mask_math.h, byte for byte
+//                       torch's data * mask)
+//   whole_block_mask_kernel  whole blocks (kWholeBlock): one warp per 1024 flat elements, a lane per
+//                       element (coalesced zeroing), the mask words built by __ballot_sync
 #pragma once
 
 #include <cuda_runtime.h>
@@ -314,7 +317,8 @@ __device__ __forceinline__ uint32_t row_chunk_keep_bits(T* row_chunk, int64_t fi
   return keep;
 }
 
-// Keep bits of the flat range [e0, e1) (at most kChunk elements), any layout of blocks.
+// Keep bits of the flat range [e0, e1) (at most kChunk elements) of ranked blocks (kRowRank, kCut), any
+// layout of blocks.
 template <typename T, ZeroMode kMode, int kGroup>
 __device__ __forceinline__ uint32_t range_keep_bits(T* data, int64_t e0, int64_t e1, const MaskArgs& args,
                                                     uint32_t threshold, int64_t last_tied) {
@@ -331,13 +335,12 @@ __device__ __forceinline__ uint32_t range_keep_bits(T* data, int64_t e0, int64_t
     const int64_t block_c0 = block_col * g.block_cols;
     uint32_t run_keep = run;  // bit i: column c0 + i
     if (selected) {
-      if constexpr (kMode == ZeroMode::kWholeBlock) {
-        run_keep = 0;
-      } else if constexpr (kMode == ZeroMode::kRowRank) {
+      if constexpr (kMode == ZeroMode::kRowRank) {
         const uint32_t zero_bits = row_group_zero_bits<kGroup>(row_ptr + block_c0, static_cast<int>(g.valid_cols(block_col)),
                                                                args.zeros_per_block, args.norm);
         run_keep = ~(zero_bits >> (c0 - block_c0)) & run;
       } else {
+        static_assert(kMode == ZeroMode::kCut, "whole blocks go through whole_block_mask_kernel");
         const uint64_t cut = args.cuts[block];
         const int64_t row_base = (row - block_row * g.block_rows) * g.valid_cols(block_col) - block_c0;
         run_keep = 0;
@@ -356,7 +359,18 @@ __device__ __forceinline__ uint32_t range_keep_bits(T* data, int64_t e0, int64_t
   return keep;
 }
 
-// One thread per kChunk flat elements. kGroup: the compile-time group bound of kRowRank (else 1).
+// The bool flags (bytes 0 / 1) of the low 4 * N bits of `bits`, 4 per word, lowest address first.
+template <int N>
+__device__ __forceinline__ void bits_to_flags(uint32_t bits, uint32_t (&words)[N]) {
+#pragma unroll
+  for (int w = 0; w < N; ++w) {
+    const uint32_t nibble = (bits >> (4 * w)) & 0xFu;
+    words[w] = (nibble & 1u) | ((nibble & 2u) << 7) | ((nibble & 4u) << 14) | ((nibble & 8u) << 21);
+  }
+}
+
+// One thread per kChunk flat elements, ranked blocks only (kRowRank, kCut). kGroup: the compile-time group
+// bound of kRowRank (else 1).
 template <typename T, ZeroMode kMode, int kGroup>
 __global__ void __launch_bounds__(kThreads) mask_kernel(T* data, MaskArgs args) {
   const BlockGrid& g = args.grid;
@@ -391,15 +405,119 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(T* data, MaskArgs args) 
     } else {
       bool* out = static_cast<bool*>(args.out) + e0;
       if (count == kChunk) {
-        uint32_t words[kChunk / 4];  // 4 flags (bytes) per word, lowest address first
-#pragma unroll
-        for (int w = 0; w < kChunk / 4; ++w) {
-          const uint32_t nibble = (keep >> (4 * w)) & 0xFu;
-          words[w] = (nibble & 1u) | ((nibble & 2u) << 7) | ((nibble & 4u) << 14) | ((nibble & 8u) << 21);
-        }
+        uint32_t words[kChunk / 4];
+        bits_to_flags(keep, words);
         store_vector(reinterpret_cast<uint32_t*>(out), words);
       } else {
         for (int i = 0; i < count; ++i) out[i] = (keep >> i) & 1u;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------- whole-block mask pass
+constexpr int kSpan = 32 * kChunk;  // flat elements per warp turn of whole_block_mask_kernel: 32 mask words
+
+// Where one flat element lies in the grid of blocks, stepped kChunk elements at a time (a lane's next
+// element in its warp's span). Divides at seek() and when a row ends; otherwise adds.
+struct ChunkStepper {
+  int64_t row, col, block_row, row_in_block, block_col, col_in_block;
+  int64_t step_blocks, step_rest;  // kChunk = step_blocks * block_cols + step_rest
+
+  __device__ __forceinline__ ChunkStepper(const BlockGrid& g, int64_t e) {
+    step_blocks = divide(kChunk, g.block_cols);
+    step_rest = kChunk - step_blocks * g.block_cols;
+    row = divide(e, g.cols);
+    col = e - row * g.cols;
+    block_row = divide(row, g.block_rows);
+    row_in_block = row - block_row * g.block_rows;
+    block_col = divide(col, g.block_cols);
+    col_in_block = col - block_col * g.block_cols;
+  }
+
+  __device__ __forceinline__ void step(const BlockGrid& g) {
+    col += kChunk;
+    if (col < g.cols) {
+      block_col += step_blocks;
+      col_in_block += step_rest;
+      if (col_in_block >= g.block_cols) {
+        col_in_block -= g.block_cols;
+        ++block_col;
+      }
+      return;
+    }
+    const int64_t rows_ended = divide(col, g.cols);  // more than one when cols < kChunk
+    row += rows_ended;
+    col -= rows_ended * g.cols;
+    row_in_block += rows_ended;
+    if (row_in_block >= g.block_rows) {
+      const int64_t blocks_ended = divide(row_in_block, g.block_rows);
+      block_row += blocks_ended;
+      row_in_block -= blocks_ended * g.block_rows;
+    }
+    block_col = divide(col, g.block_cols);
+    col_in_block = col - block_col * g.block_cols;
+  }
+};
+
+// kWholeBlock: every valid element of a selected block is dropped, so an element's keep bit is its
+// block's selection alone. A warp takes kSpan flat elements per turn, lane l the elements l, l + 32, ...:
+// loads and stores of data (the zeroing) and the mask writes are coalesced. Mask word w of the span is
+// the __ballot_sync of turn w (bit i: element 32 w + i), held by lane w, then written by all lanes at once.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) whole_block_mask_kernel(T* data, MaskArgs args) {
+  const BlockGrid& g = args.grid;
+  const int64_t numel = g.rows * g.cols;
+  const int64_t num_spans = (numel + kSpan - 1) / kSpan;
+  const uint32_t threshold = args.keys != nullptr ? args.state->prefix : 0u;
+  const int64_t last_tied = args.keys != nullptr ? args.state->last_tied_index : 0;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t span = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; span < num_spans;
+       span += warps) {
+    const int64_t e0 = span * kSpan;
+    const int count = numel - e0 < kSpan ? static_cast<int>(numel - e0) : kSpan;  // warp-uniform
+    ChunkStepper at(g, e0 + lane);
+    uint32_t word = 0;  // lane w: mask word w of the span
+    for (int w = 0; w * kChunk < count; ++w) {
+      bool keep = false;  // bits past numel stay 0
+      if (w * kChunk + lane < count) {
+        const int64_t block = at.block_row * g.grid_cols + at.block_col;
+        keep = args.keys != nullptr && !block_selected(args.keys[block], block, threshold, last_tied);
+        if (args.apply && !keep) {
+          T* x = data + at.row * args.ld + at.col;
+          *x = times_zero(*x);
+        }
+      }
+      const uint32_t bits = __ballot_sync(0xFFFFFFFFu, keep);
+      if (lane == w) word = bits;
+      at.step(g);
+    }
+    const int words = (count + kChunk - 1) / kChunk;
+    if (args.packed) {
+      uint8_t* out = static_cast<uint8_t*>(args.out) + e0 / 8;
+      if ((lane + 1) * kChunk <= count) {
+        reinterpret_cast<uint32_t*>(out)[lane] = word;
+      } else if (lane < words) {  // the last, partial word: only the bytes inside the mask
+        const int bytes = (count - lane * kChunk + 7) / 8;
+        for (int b = 0; b < bytes; ++b) out[lane * 4 + b] = static_cast<uint8_t>(word >> (8 * b));
+      }
+    } else {
+      bool* out = static_cast<bool*>(args.out) + e0;
+      if (count == kSpan) {
+        // lane l: the 16 flags at 16 l (half l % 2 of word l / 2), then those at kSpan / 2 + 16 l
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t source = __shfl_sync(0xFFFFFFFFu, word, half * 16 + lane / 2);
+          uint32_t flags[4];
+          bits_to_flags(source >> (16 * (lane & 1)), flags);
+          store_vector(reinterpret_cast<uint32_t*>(out + half * (kSpan / 2) + 16 * lane), flags);
+        }
+      } else {
+        for (int w = 0; w < words; ++w) {
+          const uint32_t bits = __shfl_sync(0xFFFFFFFFu, word, w);
+          if (w * kChunk + lane < count) out[w * kChunk + lane] = (bits >> lane) & 1u;
+        }
       }
     }
   }

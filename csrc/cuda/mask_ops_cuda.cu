@@ -12,9 +12,6 @@
 namespace sparsity_ext {
 namespace {
 
-
-unsigned grid_for_words(int64_t numel) { return cuda::grid_for((numel + 31) / 32, 32); }
-
 // Contiguous and aligned to `bytes` (the kernels read whole words); copies when it is not.
 at::Tensor contiguous_aligned(const at::Tensor& t, int64_t bytes) {
   at::Tensor c = t.contiguous();
@@ -29,8 +26,8 @@ at::Tensor pack_mask_cuda(const at::Tensor& mask) {
   const int64_t numel = src.numel();
   at::Tensor packed = at::empty({(numel + 7) / 8}, mask.options().dtype(at::kByte));
   if (numel == 0) return packed;
-  cuda::launch(cuda::pack_kernel, grid_for_words(numel), cuda::current_stream(), src.data_ptr<bool>(), numel,
-               packed.data_ptr<uint8_t>());
+  cuda::launch(cuda::pack_kernel, cuda::grid_for(cuda::pack_kernel, (numel + 31) / 32), cuda::current_stream(),
+               src.data_ptr<bool>(), numel, packed.data_ptr<uint8_t>());
   return packed;
 }
 
@@ -44,8 +41,8 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, at::IntArrayRef shape) {
               " needs ", (numel + 7) / 8);
   if (numel == 0) return mask;
   const at::Tensor src = contiguous_aligned(packed, 4);
-  cuda::launch(cuda::unpack_kernel, grid_for_words(numel), cuda::current_stream(), src.data_ptr<uint8_t>(), numel,
-               mask.data_ptr<bool>());
+  cuda::launch(cuda::unpack_kernel, cuda::grid_for(cuda::unpack_kernel, (numel + 31) / 32), cuda::current_stream(),
+               src.data_ptr<uint8_t>(), numel, mask.data_ptr<bool>());
   return mask;
 }
 

@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor> sparsify_24_pack_cuda(const at::Tensor& data)
     using T = typename Storage<scalar_t>::type;
     using meta_t = typename MetaTraits<T>::meta_t;
     const int64_t threads = rows * (cols / (4 * MetaTraits<T>::kGroupsPerMeta));
-    cuda::launch(cuda::sparsify_24_pack_kernel<T>, cuda::grid_for(threads), cuda::current_stream(),
+    const auto kernel = cuda::sparsify_24_pack_kernel<T>;
+    cuda::launch(kernel, cuda::grid_for(kernel, threads), cuda::current_stream(),
                  reinterpret_cast<const T*>(src.data_ptr<scalar_t>()), row_stride(src), rows, cols,
                  reinterpret_cast<T*>(values.data_ptr<scalar_t>()), reinterpret_cast<meta_t*>(meta.data_ptr()));
   });

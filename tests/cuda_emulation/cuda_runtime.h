@@ -99,6 +99,15 @@ inline unsigned __match_any_sync(unsigned, uint32_t value) {
   warp.barrier.arrive_and_wait();
   return peers;
 }
+inline unsigned __ballot_sync(unsigned, bool predicate) {
+  emu::Warp& warp = emu::my_warp();
+  warp.slot[threadIdx.x % 32] = predicate;
+  warp.barrier.arrive_and_wait();
+  unsigned bits = 0;
+  for (int i = 0; i < 32; ++i) bits |= static_cast<unsigned>(warp.slot[i] != 0) << i;
+  warp.barrier.arrive_and_wait();
+  return bits;
+}
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }

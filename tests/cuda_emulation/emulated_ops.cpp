@@ -37,14 +37,12 @@ std::vector<at::Tensor> select_threshold(at::Tensor values, int64_t k) {
   return {result.first.to(values.scalar_type()), result.second};
 }
 
-unsigned grid_for_words(int64_t numel) { return cuda::grid_for((numel + 31) / 32); }
-
 at::Tensor pack_mask(at::Tensor mask) {
   const at::Tensor src = mask.contiguous();
   at::Tensor packed = at::empty({(src.numel() + 7) / 8}, at::kByte);
   if (src.numel() > 0) {
-    cuda::launch(cuda::pack_kernel, grid_for_words(src.numel()), nullptr, src.data_ptr<bool>(), src.numel(),
-                 packed.data_ptr<uint8_t>());
+    cuda::launch(cuda::pack_kernel, cuda::grid_for(cuda::pack_kernel, (src.numel() + 31) / 32), nullptr,
+                 src.data_ptr<bool>(), src.numel(), packed.data_ptr<uint8_t>());
   }
   return packed;
 }
@@ -52,8 +50,8 @@ at::Tensor pack_mask(at::Tensor mask) {
 at::Tensor unpack_mask(at::Tensor packed, int64_t numel) {
   at::Tensor mask = at::empty({numel}, at::kBool);
   if (numel > 0) {
-    cuda::launch(cuda::unpack_kernel, grid_for_words(numel), nullptr, packed.data_ptr<uint8_t>(), numel,
-                 mask.data_ptr<bool>());
+    cuda::launch(cuda::unpack_kernel, cuda::grid_for(cuda::unpack_kernel, (numel + 31) / 32), nullptr,
+                 packed.data_ptr<uint8_t>(), numel, mask.data_ptr<bool>());
   }
   return mask;
 }

@@ -13,7 +13,9 @@ namespace cuda {
 
 inline int64_t emulated_max_ctas = 3;
 
-inline unsigned grid_for(int64_t threads, int64_t = 8) {
+// At most emulated_max_ctas CTAs, whatever the kernel (no occupancy to ask here).
+template <class... Params>
+unsigned grid_for(void (*)(Params...), int64_t threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, emulated_max_ctas)));
 }
 

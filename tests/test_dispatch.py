@@ -2,7 +2,6 @@
 info() naming what runs, torch.compile(fullgraph=True) through every public op, and a package whose
 modules each import alone."""
 import dataclasses
-import os
 import pkgutil
 import subprocess
 import sys
@@ -91,7 +90,7 @@ def test_pinned_triton_runs_its_composites_on_its_own_kernels(monkeypatch):
     assert len(calls) == 3  # select (level 1), update_ and into_ each ran the triton block_norm_mask once
 
 
-def _compile_cases(device: str):
+def _compile_cases():
     """(op, function of one tensor returning tensors) for every public op."""
     block = (1, 4)
 
@@ -144,7 +143,7 @@ def test_every_public_op_compiles_fullgraph_and_gives_the_eager_result(op, backe
     if not backend_available(backend, device, op, torch.float16 if op == "sparsify_24_pack" else torch.float32):
         pytest.skip(f"the {backend} backend is not built here")
     data = torch.randn(32, 64, generator=torch.Generator().manual_seed(7)).to(device)
-    fn = _compile_cases(device)[op]
+    fn = _compile_cases()[op]
     with sparsity_ext.use_backend(backend):
         eager = fn(data)
         torch._dynamo.reset()

@@ -14,7 +14,7 @@ from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import (BaseSparsifier, FakeSparsity, NearlyDiagonalSparsifier, WeightNormSparsifier,
                          fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn)
 
-__all__ = ["ops", "use_backend", "current_backend", "info", "accelerate_torch_ao", "restore_torch_ao",
+__all__ = ["ops", "load_checkpoint", "use_backend", "current_backend", "info", "accelerate_torch_ao", "restore_torch_ao",
            "BaseSparsifier", "WeightNormSparsifier", "NearlyDiagonalSparsifier", "FakeSparsity",
            "BaseScheduler", "LambdaSL", "CubicSL", "fqn_to_module", "module_to_fqn", "get_arg_info_from_tensor_fqn",
            "get_static_sparse_quantized_mapping", "get_dynamic_sparse_quantized_mapping"]

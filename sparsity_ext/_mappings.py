@@ -6,8 +6,6 @@ torch.ao.pruning does.
 """
 from __future__ import annotations
 
-import torch
-
 __all__ = ["get_static_sparse_quantized_mapping", "get_dynamic_sparse_quantized_mapping"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsity_ext
-from sparsity_ext import _backend, _extension
+from sparsity_ext import _backend
 
 HAS_CUDA = torch.cuda.is_available()
 try:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .. import checks, ops
+from .. import checks
 from ..data_sparsifier._chunked import DEFAULT_MAX_CHUNK_BYTES, packed_ones
 from ..data_sparsifier.data_norm_sparsifier import DataNormSparsifier, data_norm_level
 from ..reference import num_selected_blocks
